@@ -1,0 +1,111 @@
+"""Reading model files safely: safetensors only, errors that name the file and the fix."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be used; the message names the file and what was expected."""
+
+
+def find_weights(folder: Path) -> list[Path]:
+    """The safetensors shards of a diffusers/transformers folder."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        extra = f" (found pickle files {pickles}: convert them to safetensors)" if pickles else ""
+        raise ModelFileError(f"{folder}: no .safetensors weights in this folder{extra}")
+    return files
+
+
+def read_safetensors(paths: Iterable[Path], what: str) -> dict[str, torch.Tensor]:
+    """All tensors of one or more safetensors files, in their stored dtype (fp8 stays fp8)."""
+    out: dict[str, torch.Tensor] = {}
+    for path in paths:
+        path = Path(path)
+        if path.suffix in PICKLE_SUFFIXES:
+            raise ModelFileError(f"{path}: pickle checkpoints are not loaded (they can run code). Convert it "
+                                 f"to .safetensors, or use a .safetensors release of {what}.")
+        if not path.is_file():
+            raise ModelFileError(f"{path}: file not found (expected {what})")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for k in f.keys():
+                    out[k] = f.get_tensor(k)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ModelFileError(f"{path}: not a readable .safetensors file ({e}); the file may be truncated "
+                                 f"or corrupt: download {what} again") from None
+    return out
+
+
+def strip_prefix(sd: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Drop the first of ``prefixes`` that every key starts with (ComfyUI/A1111 checkpoint prefixes)."""
+    for p in prefixes:
+        if sd and all(k.startswith(p) for k in sd):
+            return {k[len(p):]: v for k, v in sd.items()}
+    return sd
+
+
+def fingerprint(path: str | Path, chunk: int = 1 << 20) -> str:
+    """A fast identity of a model file or folder: sha256 over name-independent size, head and tail bytes.
+
+    Safetensors headers list every tensor's name, dtype, shape and offset, so head + tail + size changes
+    whenever the weights are swapped, without reading a 20 GB file.
+    """
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(path) if path.is_dir() else ''}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(chunk))
+            if size > chunk:
+                fh.seek(max(chunk, size - chunk))
+                h.update(fh.read(chunk))
+    return h.hexdigest()[:16]
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so a reader sees the old file or the whole new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
+                            metadata: dict[str, str] | None = None) -> None:
+    """safetensors.torch.save, written atomically."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,43 @@
+"""Optimizers by name (the only list) and learning-rate schedules from diffusers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from diffusers.optimization import get_scheduler
+
+from .config import ConfigError, OptimizerConfig
+
+
+def _adamw(params: list, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps)
+
+
+def _bitsandbytes(class_name: str, uses_eps: bool) -> Callable[[list, OptimizerConfig], torch.optim.Optimizer]:
+    def make(params: list, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise ConfigError(
+                f"optimizer.name = '{cfg.name}' needs bitsandbytes, which is not importable here ({e}). "
+                f"Install it (pip install bitsandbytes) or use optimizer.name = 'adamw'.") from None
+        extra = {"eps": cfg.eps} if uses_eps else {}
+        return getattr(bnb.optim, class_name)(params, lr=cfg.lr, betas=cfg.betas,
+                                              weight_decay=cfg.weight_decay, **extra)
+    return make
+
+
+OPTIMIZERS: dict[str, Callable[[list, OptimizerConfig], torch.optim.Optimizer]] = {
+    "adamw": _adamw,
+    "adamw8bit": _bitsandbytes("AdamW8bit", uses_eps=True),
+    "lion8bit": _bitsandbytes("Lion8bit", uses_eps=False),
+}
+
+
+def make_optimizer(params: list, cfg: OptimizerConfig, total_steps: int
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    optimizer = OPTIMIZERS[cfg.name](params, cfg)
+    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=total_steps)
+    return optimizer, scheduler

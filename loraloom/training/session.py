@@ -1,0 +1,392 @@
+"""A training run you can step N at a time, checkpoint, resume, export and observe.
+
+The CLI and the ComfyUI nodes both drive this API::
+
+    session = Session.open(cfg)        # loads, caches encodings, resumes from the newest checkpoint
+    session.step(100)                   # or session.run() to the end
+    session.export()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import resource
+import time
+import warnings
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from ..loaders.cache import EncoderCache, text_key
+from ..loaders.files import atomic_write_bytes, fingerprint
+from ..loaders.images import Sample, index_folder, load_image, to_pil
+from . import adapters, checkpoint
+from .config import ConfigError, RunConfig, config_from_dict, to_toml
+from .export import EXPORT_DTYPES, kohya_metadata, write_lora
+from .families import FAMILIES
+from .metrics import MetricsLog
+from .objectives import flow_match_inputs, sample_timesteps, validation_timesteps
+from .optimizers import make_optimizer
+from .preview import side_by_side
+
+log = logging.getLogger(__name__)
+Event = dict[str, Any]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+VALIDATION_TIMESTEPS = 4
+# Keys that define what is being trained: a resume with any of them changed is refused.
+FIXED_ON_RESUME = ("model.family", "model.transformer", "adapter", "data.resolution", "data.images",
+                   "data.trigger", "data.validation_images", "train.batch_size", "train.gradient_accumulation",
+                   "train.seed", "optimizer.name")
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Where the run is: everything besides weights, optimizer and RNGs that the next step depends on."""
+    step: int = 0
+    samples_seen: int = 0  # position in the stream of shuffled epochs
+
+
+@dataclasses.dataclass
+class Item:
+    """One encoded training example: raw latent (C, h, w) and text embeddings."""
+    latent: torch.Tensor
+    text: dict[str, torch.Tensor]
+
+
+class Session:
+    def __init__(self, cfg: RunConfig, run_dir: Path, on_event: Callable[[Event], None] | None = None):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.family = FAMILIES[cfg.model.family]
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.compute_dtype = DTYPES[cfg.train.mixed_precision]
+        self.metrics = MetricsLog(run_dir)
+        self.on_event = on_event
+        self.state = TrainState()
+        self.generator = torch.Generator().manual_seed(cfg.train.seed)  # noise and timesteps
+        self._epoch_order: tuple[int, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------ set-up
+
+    @classmethod
+    def open(cls, cfg: RunConfig, on_event: Callable[[Event], None] | None = None) -> Session:
+        """Build the run in ``cfg.output.run_dir``; continue from its newest valid checkpoint if any."""
+        run_dir = Path(cfg.output.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self = cls(cfg, run_dir, on_event)
+        self._warn_about_guidance()
+        self._load_data()
+        self._load_model()
+        found = checkpoint.valid_checkpoints(run_dir)
+        if found:
+            self._restore(found[-1])
+        else:
+            self.metrics.truncate_after(0)
+        return self
+
+    def _warn_about_guidance(self) -> None:
+        if self.cfg.model.guidance_distilled and self.cfg.train.guidance != 1.0:
+            warnings.warn(
+                f"training a guidance-distilled base at train.guidance = {self.cfg.train.guidance}: the guidance "
+                "embedding drifts and LoRAs collapse. Train a de-distilled base (e.g. Flux-dev2pro) at 1.0 and "
+                "apply the LoRA to Flux-dev.", stacklevel=2)
+
+    def _load_data(self) -> None:
+        cfg = self.cfg
+        index = index_folder(cfg.data.images, cfg.data.caption_extension, cfg.data.trigger)
+        samples = index.samples
+        held_out = min(cfg.data.validation_images, len(samples) - 1)
+        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(cfg.train.seed)).tolist()
+        val_ids, train_ids = set(order[:held_out]), order[held_out:]
+        train = [samples[i] for i in sorted(train_ids)]
+        val = [samples[i] for i in sorted(val_ids)] or train[: min(4, len(train))]
+        cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.run_dir.parent / "cache"
+        self.vae = self.family.load_vae(cfg.model.vae).to(self.device)
+        latents = self._encode_latents(cache_root, train + val)
+        prompts = [s.caption for s in train + val] + list(cfg.sample.prompts)
+        texts = dict(zip(prompts, self._encode_texts(cache_root, prompts)))
+        self.train_items = [Item(latents[s.content_hash], texts[s.caption]) for s in train]
+        self.val_items = [Item(latents[s.content_hash], texts[s.caption]) for s in val]
+        self.sample_texts = {p: texts[p] for p in cfg.sample.prompts}
+        self._emit({"type": "dataset", "train": len(train), "validation": len(val), "held_out": held_out,
+                    "skipped": index.skipped})
+
+    def _encode_latents(self, root: Path, samples: list[Sample]) -> dict[str, torch.Tensor]:
+        res = self.cfg.data.resolution
+        cache = EncoderCache(root, "latents", f"{fingerprint(self.cfg.model.vae)}-{res}")
+
+        def compute(missing: list[int]) -> list[dict[str, torch.Tensor]]:
+            return [{"latent": self.family.encode_images(self.vae, load_image(samples[i].path, res)[None])[0]}
+                    for i in missing]
+
+        entries = cache.get_many([s.content_hash for s in samples], compute)
+        self.latent_cache = cache
+        return {s.content_hash: e["latent"] for s, e in zip(samples, entries)}
+
+    def _encode_texts(self, root: Path, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
+        m = self.cfg.model
+        encoder_id = fingerprint_many([m.text_encoder, m.text_encoder_2, m.tokenizer, m.tokenizer_2],
+                                      extra=str(m.t5_max_length))
+        cache = EncoderCache(root, "text", encoder_id)
+        encoders = None
+
+        def compute(missing: list[int]) -> list[dict[str, torch.Tensor]]:
+            nonlocal encoders
+            # Loaded only on a cache miss, and dropped when this function returns (no encoder stays resident).
+            encoders = encoders or self.family.load_text_encoders(m, torch.float32)
+            encoders.clip.to(self.device), encoders.t5.to(self.device)
+            out = []
+            for i in missing:
+                enc = self.family.encode_prompts(encoders, [prompts[i]])
+                out.append({k: v[0] for k, v in enc.items()})
+            return out
+
+        entries = cache.get_many([text_key(p) for p in prompts], compute)
+        self.text_cache = cache
+        return entries
+
+    def _load_model(self) -> None:
+        cfg = self.cfg
+        precision = cfg.model.base_precision
+        storage = self.compute_dtype if precision in ("auto", "fp8") else DTYPES[precision]
+        model = self.family.load_transformer(cfg.model.transformer, storage, fp8_storage=precision in ("auto", "fp8"))
+        self.adapted_modules = adapters.add_lora(
+            model, self.family.LORA_TARGETS[cfg.adapter.targets], cfg.adapter.rank, cfg.adapter.alpha,
+            cfg.adapter.dropout, cfg.adapter.init_seed)
+        if precision == "fp8" or any(p.dtype == torch.float8_e4m3fn for p in model.parameters()):
+            adapters.enable_fp8_storage(model, self.compute_dtype)
+        if cfg.train.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        self.transformer = model.to(self.device)
+        self.params = adapters.trainable_parameters(model)
+        self.optimizer, self.scheduler = make_optimizer(self.params, cfg.optimizer, cfg.train.steps)
+        self.base_fingerprint = fingerprint(cfg.model.transformer)
+
+    # ------------------------------------------------------------ training
+
+    @property
+    def done(self) -> bool:
+        return self.state.step >= self.cfg.train.steps
+
+    def step(self, n: int = 1) -> list[Event]:
+        """Train up to ``n`` optimizer steps (fewer at the end of the run); returns their metrics."""
+        records = []
+        for _ in range(n):
+            if self.done:
+                break
+            records.append(self._train_step())
+            every = self.cfg.train
+            if every.validate_every and self.state.step % every.validate_every == 0:
+                self.validate()
+            if self.done or (every.checkpoint_every and self.state.step % every.checkpoint_every == 0):
+                self.checkpoint()
+        return records
+
+    def run(self) -> Path:
+        """Train to the configured step count, then export; returns the adapter file."""
+        while not self.done:
+            self.step(1)
+        return self.export()
+
+    def _train_step(self) -> Event:
+        start = time.perf_counter()
+        self.transformer.train()
+        accumulation = self.cfg.train.gradient_accumulation
+        total = 0.0
+        for _ in range(accumulation):
+            with self._autocast():
+                loss = self._loss(self._next_batch())
+            (loss / accumulation).backward()
+            total += loss.item()
+        max_norm = self.cfg.train.max_grad_norm or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm).item()
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        record = {"type": "step", "step": self.state.step, "loss": total / accumulation, "lr": lr,
+                  "grad_norm": grad_norm, "step_time": time.perf_counter() - start,
+                  "peak_memory_mb": peak_memory_mb(self.device)}
+        if self.state.step % self.cfg.train.log_every == 0 or self.done:
+            self._emit(record)
+        return record
+
+    def _next_batch(self) -> list[Item]:
+        """The next ``batch_size`` items of a seeded shuffle per epoch; O(1) to resume at any position."""
+        n = len(self.train_items)
+        batch = []
+        for _ in range(self.cfg.train.batch_size):
+            epoch, pos = divmod(self.state.samples_seen, n)
+            if self._epoch_order is None or self._epoch_order[0] != epoch:
+                gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
+                self._epoch_order = (epoch, torch.randperm(n, generator=gen))
+            batch.append(self.train_items[int(self._epoch_order[1][pos])])
+            self.state.samples_seen += 1
+        return batch
+
+    def _loss(self, batch: list[Item], t: torch.Tensor | None = None, noise: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        x0 = self.family.scale_latents(torch.stack([b.latent for b in batch]))
+        text = {k: torch.stack([b.text[k] for b in batch]) for k in batch[0].text}
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=self.generator)
+        if t is None:
+            tokens = x0.shape[-2] * x0.shape[-1] // 4
+            t = sample_timesteps(self.cfg.train.timesteps, len(batch), self.generator,
+                                 sigmoid_scale=self.cfg.train.sigmoid_scale, shift=self.cfg.train.shift,
+                                 image_tokens=tokens)
+        xt, target = flow_match_inputs(x0, noise, t)
+        pred = self.family.predict(self.transformer, xt.to(self.device), t, text, self.cfg.train.guidance)
+        return torch.nn.functional.mse_loss(pred.float(), target.to(self.device).float())
+
+    def _autocast(self):
+        if self.compute_dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Loss on the held-out images at fixed timesteps with fixed noise: comparable across steps and runs."""
+        self.transformer.eval()
+        gen = torch.Generator().manual_seed(self.cfg.train.seed + 1)
+        losses = []
+        for item in self.val_items:
+            for t in validation_timesteps(VALIDATION_TIMESTEPS):
+                noise = torch.randn((1, *item.latent.shape), generator=gen)
+                with self._autocast():
+                    losses.append(self._loss([item], t.view(1), noise).item())
+        value = sum(losses) / len(losses)
+        self._emit({"type": "validation", "step": self.state.step, "val_loss": value})
+        return value
+
+    # ------------------------------------------------------------ prediction and previews
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor], guidance: float,
+                adapter: bool = True) -> torch.Tensor:
+        """The model's velocity for scaled latents ``x`` (B, C, h, w) at ``t`` (B,), with or without the adapter."""
+        self.transformer.eval()
+        with self._autocast(), (nullcontext() if adapter else adapters.adapter_disabled(self.transformer)):
+            return self.family.predict(self.transformer, x, t, text, guidance)
+
+    @torch.no_grad()
+    def sample(self, prompt: str, seed: int, adapter: bool = True, steps: int | None = None,
+               guidance: float | None = None) -> Image.Image:
+        """One preview image for a prompt of ``sample.prompts``, with or without the adapter."""
+        s = self.cfg.sample
+        res = s.resolution or self.cfg.data.resolution
+        f = self.family.vae_factor(self.vae)
+        self.transformer.eval()
+        with self._autocast(), (nullcontext() if adapter else adapters.adapter_disabled(self.transformer)):
+            raw = self.family.sample(self.transformer, self.sample_texts[prompt], (res // f, res // f),
+                                     self.vae.config.latent_channels, seed, steps or s.steps,
+                                     s.guidance if guidance is None else guidance)
+        return to_pil(self.family.decode_latents(self.vae, raw)[0])
+
+    def preview(self) -> Path:
+        """Side-by-side picture of every sample prompt and seed without and with the adapter."""
+        s = self.cfg.sample
+        if not s.prompts:
+            raise ConfigError("sample.prompts is empty: add at least one prompt to make previews")
+        rows = [(p, seed) for p in s.prompts for seed in s.seeds]
+        columns = {name: [self.sample(p, seed, adapter=flag) for p, seed in rows]
+                   for name, flag in (("base model", False), (f"with LoRA (step {self.state.step})", True))}
+        picture = side_by_side(columns, [f"seed {seed}: {p[:40]}" for p, seed in rows])
+        path = self.run_dir / "samples" / f"step-{self.state.step:08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        picture.save(buf, format="PNG")
+        atomic_write_bytes(path, buf.getvalue())
+        self._emit({"type": "preview", "step": self.state.step, "path": str(path)})
+        return path
+
+    # ------------------------------------------------------------ checkpoint, resume, export
+
+    def checkpoint(self) -> Path:
+        """Write everything the next step depends on; the previous checkpoint stays until this one is whole."""
+        opt = io.BytesIO()
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}, opt)
+        rng = {"noise": self.generator.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        files = {
+            "adapter.safetensors": save_tensors(adapters.adapter_state(self.transformer)),
+            "optimizer.pt": opt.getvalue(),
+            "rng.safetensors": save_tensors(rng),
+            "state.json": json.dumps(dataclasses.asdict(self.state)).encode(),
+            "config.toml": to_toml(self.cfg, comments=False).encode(),
+            "config.json": json.dumps(self.cfg.to_dict()).encode(),
+        }
+        path = checkpoint.write_checkpoint(self.run_dir, self.state.step, files, self.cfg.train.keep_checkpoints)
+        self._emit({"type": "checkpoint", "step": self.state.step, "path": str(path)})
+        return path
+
+    def _restore(self, folder: Path) -> None:
+        files = checkpoint.read_checkpoint(folder)
+        self._check_resume_config(json.loads(files["config.json"]), folder)
+        adapters.load_adapter_state(self.transformer, load_tensors(files["adapter.safetensors"]))
+        opt = torch.load(io.BytesIO(files["optimizer.pt"]), weights_only=True)
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+        rng = load_tensors(files["rng.safetensors"])
+        self.generator.set_state(rng["noise"])
+        torch.set_rng_state(rng["torch"])
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([rng[k] for k in sorted(rng) if k.startswith("cuda")])
+        self.state = TrainState(**json.loads(files["state.json"]))
+        self.metrics.truncate_after(self.state.step)
+        self._emit({"type": "resume", "step": self.state.step, "path": str(folder)})
+
+    def _check_resume_config(self, saved: dict, folder: Path) -> None:
+        old, new = _flatten(config_from_dict(saved).to_dict()), _flatten(self.cfg.to_dict())
+        for key in sorted(old):
+            if key.startswith(FIXED_ON_RESUME) and old[key] != new.get(key):
+                raise ConfigError(
+                    f"{key} changed from {old[key]!r} to {new.get(key)!r} since the checkpoint {folder}; "
+                    f"resuming would train something else. Restore it, or use a new output.run_dir.")
+
+    def export(self, path: str | Path | None = None, dtype: str = "bf16") -> Path:
+        """Write the adapter for ComfyUI's LoraLoader and diffusers, with kohya-style metadata."""
+        path = Path(path) if path else self.run_dir / f"{self.cfg.output.name}.safetensors"
+        meta = kohya_metadata(self.cfg, self.state.step, self.base_fingerprint, self.family.ARCHITECTURE,
+                              self.family.NAME)
+        write_lora(path, adapters.adapter_state(self.transformer), self.family.EXPORT_PREFIX,
+                   self.cfg.adapter.alpha, EXPORT_DTYPES[dtype], meta)
+        self._emit({"type": "export", "step": self.state.step, "path": str(path)})
+        return path
+
+    def _emit(self, event: Event) -> None:
+        event = {"time": time.time(), **event}
+        self.metrics.write(event)
+        if self.on_event:
+            self.on_event(event)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def fingerprint_many(paths: list[str], extra: str = "") -> str:
+    return "-".join(fingerprint(p)[:8] for p in paths if p) + (f"-{extra}" if extra else "")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
