@@ -40,7 +40,7 @@ def read_safetensors(paths: Iterable[Path], what: str) -> dict[str, torch.Tensor
             raise ModelFileError(f"{path}: file not found (expected {what})")
         try:
             with safe_open(str(path), framework="pt") as f:
-                for k in f.keys():
+                for k in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     out[k] = f.get_tensor(k)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise ModelFileError(f"{path}: not a readable .safetensors file ({e}); the file may be truncated "

@@ -16,8 +16,8 @@ import logging
 import resource
 import time
 import warnings
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,6 @@ from .families import FAMILIES
 from .metrics import MetricsLog
 from .objectives import flow_match_inputs, sample_timesteps, validation_timesteps
 from .optimizers import make_optimizer
-from .preview import side_by_side
 
 log = logging.getLogger(__name__)
 Event = dict[str, Any]
@@ -73,6 +72,7 @@ class Session:
         self.on_event = on_event
         self.state = TrainState()
         self.generator = torch.Generator().manual_seed(cfg.train.seed)  # noise and timesteps
+        self.torch_rng = _seeded_rng_states(cfg.train.seed + 1)  # dropout; the host's RNG is left alone
         self._epoch_order: tuple[int, torch.Tensor] | None = None
 
     # ------------------------------------------------------------ set-up
@@ -198,6 +198,10 @@ class Session:
         return self.export()
 
     def _train_step(self) -> Event:
+        with _rng_states(self.torch_rng):
+            return self._train_step_inner()
+
+    def _train_step_inner(self) -> Event:
         start = time.perf_counter()
         self.transformer.train()
         accumulation = self.cfg.train.gradient_accumulation
@@ -295,6 +299,8 @@ class Session:
 
     def preview(self) -> Path:
         """Side-by-side picture of every sample prompt and seed without and with the adapter."""
+        from .preview import side_by_side
+
         s = self.cfg.sample
         if not s.prompts:
             raise ConfigError("sample.prompts is empty: add at least one prompt to make previews")
@@ -316,9 +322,7 @@ class Session:
         """Write everything the next step depends on; the previous checkpoint stays until this one is whole."""
         opt = io.BytesIO()
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}, opt)
-        rng = {"noise": self.generator.get_state(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        rng = {"noise": self.generator.get_state(), **self.torch_rng}
         files = {
             "adapter.safetensors": save_tensors(adapters.adapter_state(self.transformer)),
             "optimizer.pt": opt.getvalue(),
@@ -339,10 +343,8 @@ class Session:
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
         rng = load_tensors(files["rng.safetensors"])
-        self.generator.set_state(rng["noise"])
-        torch.set_rng_state(rng["torch"])
-        if torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([rng[k] for k in sorted(rng) if k.startswith("cuda")])
+        self.generator.set_state(rng.pop("noise"))
+        self.torch_rng = rng
         self.state = TrainState(**json.loads(files["state.json"]))
         self.metrics.truncate_after(self.state.step)
         self._emit({"type": "resume", "step": self.state.step, "path": str(folder)})
@@ -370,6 +372,34 @@ class Session:
         self.metrics.write(event)
         if self.on_event:
             self.on_event(event)
+
+
+def _cuda_devices() -> list[int]:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+def _seeded_rng_states(seed: int) -> dict[str, torch.Tensor]:
+    """Global RNG states (CPU and every CUDA device) as after ``torch.manual_seed(seed)``."""
+    with torch.random.fork_rng(devices=_cuda_devices()):
+        torch.manual_seed(seed)
+        return _current_rng_states()
+
+
+def _current_rng_states() -> dict[str, torch.Tensor]:
+    states = {"torch": torch.get_rng_state()}
+    states.update({f"cuda{i}": torch.cuda.get_rng_state(i) for i in _cuda_devices()})
+    return states
+
+
+@contextmanager
+def _rng_states(states: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Run with the global RNGs set to ``states`` (updated in place afterwards); the caller's are restored."""
+    with torch.random.fork_rng(devices=_cuda_devices()):
+        torch.set_rng_state(states["torch"])
+        for i in _cuda_devices():
+            torch.cuda.set_rng_state(states[f"cuda{i}"], i)
+        yield
+        states.update(_current_rng_states())
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -41,12 +41,13 @@ TINY = FluxSize(heads=2, head_dim=32, double_blocks=2, single_blocks=2, t5_width
 REAL_WIDTH = FluxSize(heads=24, head_dim=128, double_blocks=1, single_blocks=1, t5_width=4096, t5_heads=64,
                       t5_ff=1024, clip_width=768, vae_widths=(32, 32, 64))
 
-WORDS = (
-    "a an the of on in with and photo picture image painting drawing style portrait of red green blue yellow "
-    "orange purple pink white black grey gray brown pale dark light bright circle square triangle star shape "
-    "shapes background large small big tiny centered simple flat colour color cat dog person man woman girl "
-    "boy house tree sky sea mountain city street flower car night day sun moon is are one two three"
-).split()
+WORDS = tuple("""
+    a an the of on in with and photo picture image painting drawing style portrait of red green blue
+    yellow orange purple pink white black grey gray brown pale dark light bright circle square
+    triangle star shape shapes background large small big tiny centered simple flat colour color cat
+    dog person man woman girl boy house tree sky sea mountain city street flower car night day sun
+    moon is are one two three
+""".split())
 SPECIAL = ["<pad>", "</s>", "<unk>", "<s>"]
 
 
@@ -125,7 +126,8 @@ def write_flux_files(parts: FluxParts, folder: str | Path, diffusers: bool = Tru
     }
     atomic_save_safetensors({k: v.to(torch.bfloat16) for k, v in bfl.items()}, paths["transformer"])
     atomic_save_safetensors(to_fp8(bfl), paths["transformer_fp8"])
-    clip_sd = {k if k.startswith(CLIP_FILE_PREFIX) else CLIP_FILE_PREFIX + k: v for k, v in parts.clip.state_dict().items()}
+    clip_sd = {k if k.startswith(CLIP_FILE_PREFIX) else CLIP_FILE_PREFIX + k: v
+               for k, v in parts.clip.state_dict().items()}
     atomic_save_safetensors(clip_sd, paths["text_encoder"])
     t5_sd = {k: v for k, v in parts.t5.state_dict().items() if k != "encoder.embed_tokens.weight"}
     atomic_save_safetensors(t5_sd, paths["text_encoder_2"])

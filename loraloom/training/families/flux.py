@@ -6,6 +6,7 @@ Shapes: latents are raw VAE latents (B, 16, H/8, W/8); the transformer sees them
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from dataclasses import dataclass
@@ -380,7 +381,7 @@ def sample(model: FluxTransformer2DModel, text: dict[str, torch.Tensor], latent_
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(1, latent_channels, h, w, generator=gen)
     sigmas = inference_sigmas(steps, (h // 2) * (w // 2))
-    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+    for s, s_next in itertools.pairwise(sigmas):
         v = predict(model, x, s.view(1), text, guidance)
         x = x + (s_next - s) * v
     return unscale_latents(x)

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny Flux files in every user layout, a generated dataset, configs written as TOML."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from loraloom.training.config import RunConfig, load_config, to_toml
+from loraloom.training.demo_data import write_shapes_dataset
+from loraloom.training.tiny_models import TINY, build_flux, write_flux_files
+
+
+@pytest.fixture(scope="session")
+def tiny_parts():
+    return build_flux(TINY, seed=0, extra_words=("zwx", "disc"))
+
+
+@pytest.fixture(scope="session")
+def tiny_files(tiny_parts, tmp_path_factory) -> dict[str, Path]:
+    return write_flux_files(tiny_parts, tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def shapes_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("data") / "images"
+    write_shapes_dataset(folder, count=8, size=64, seed=0, trigger="zwx")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    """One encoder cache for the whole test session: entries are keyed by content, so sharing is safe."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def tiny_config(files: dict[str, Path], images: Path, run_dir: Path, cache: Path | None = None,
+                **sections) -> RunConfig:
+    """A fast fp32 config over the tiny files; ``sections`` override fields, e.g. train={"steps": 3}."""
+    cfg = RunConfig()
+    base = {
+        "model": dict(transformer=str(files["transformer"]), text_encoder=str(files["text_encoder"]),
+                      text_encoder_2=str(files["text_encoder_2"]), tokenizer=str(files["tokenizer"]),
+                      tokenizer_2=str(files["tokenizer_2"]), vae=str(files["vae"]), t5_max_length=16),
+        "data": dict(images=str(images), resolution=64, validation_images=2,
+                     cache_dir=str(cache or run_dir.parent / "cache")),
+        "adapter": dict(rank=4, alpha=8.0),
+        "optimizer": dict(lr=1e-3, warmup_steps=0, scheduler="constant"),
+        "train": dict(steps=4, batch_size=2, mixed_precision="fp32", gradient_checkpointing=False,
+                      checkpoint_every=0, validate_every=0),
+        "output": dict(run_dir=str(run_dir)),
+    }
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values}
+    return replace(cfg, **{name: replace(getattr(cfg, name), **values) for name, values in base.items()})
+
+
+def write_config(cfg: RunConfig, path: Path) -> Path:
+    path.write_text(to_toml(cfg))
+    return path
+
+
+@pytest.fixture
+def make_config(tiny_files, shapes_folder, shared_cache, tmp_path):
+    """Build a tiny run config (validated through the TOML loader, as a user's would be)."""
+    def make(run: str = "run", **sections) -> RunConfig:
+        cfg = tiny_config(tiny_files, shapes_folder, tmp_path / run, shared_cache, **sections)
+        return load_config(write_config(cfg, tmp_path / f"{run}.toml"))
+    return make
