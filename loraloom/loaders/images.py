@@ -67,7 +67,12 @@ def load_image(path: Path, resolution: int) -> torch.Tensor:
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im).convert("RGB")
         im = ImageOps.fit(im, (resolution, resolution), Image.Resampling.LANCZOS)
-    arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    return from_pil(im)
+
+
+def from_pil(image: Image.Image) -> torch.Tensor:
+    """An image → (3, H, W) float32 in [-1, 1], the range diffusers' VAEs expect."""
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 

@@ -134,16 +134,20 @@ class Session:
 
     def _encode_texts(self, root: Path, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
         m = self.cfg.model
+        # bf16 on a GPU (T5-XXL in fp32 needs 19 GB); the dtype changes the embeddings, so it is in the key.
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         encoder_id = fingerprint_many([m.text_encoder, m.text_encoder_2, m.tokenizer, m.tokenizer_2],
-                                      extra=str(m.t5_max_length))
+                                      extra=f"{m.t5_max_length}-{str(dtype).removeprefix('torch.')}")
         cache = EncoderCache(root, "text", encoder_id)
         encoders = None
 
         def compute(missing: list[int]) -> list[dict[str, torch.Tensor]]:
             nonlocal encoders
-            # Loaded only on a cache miss, and dropped when this function returns (no encoder stays resident).
-            encoders = encoders or self.family.load_text_encoders(m, torch.float32)
-            encoders.clip.to(self.device), encoders.t5.to(self.device)
+            # Loaded only on a cache miss, and dropped with this closure: no encoder stays resident.
+            if encoders is None:
+                encoders = self.family.load_text_encoders(m, dtype)
+                encoders.clip.to(self.device)
+                encoders.t5.to(self.device)
             out = []
             for i in missing:
                 enc = self.family.encode_prompts(encoders, [prompts[i]])
@@ -205,20 +209,21 @@ class Session:
         start = time.perf_counter()
         self.transformer.train()
         accumulation = self.cfg.train.gradient_accumulation
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         for _ in range(accumulation):
             with self._autocast():
-                loss = self._loss(self._next_batch())
-            (loss / accumulation).backward()
-            total += loss.item()
+                loss = self._loss(self._next_batch()) / accumulation
+            loss.backward()
+            total += loss.detach()
         max_norm = self.cfg.train.max_grad_norm or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        mean_loss, grad_norm = torch.stack([total, grad_norm.to(total)]).tolist()  # one host sync per step
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
-        record = {"type": "step", "step": self.state.step, "loss": total / accumulation, "lr": lr,
+        record = {"type": "step", "step": self.state.step, "loss": mean_loss, "lr": lr,
                   "grad_norm": grad_norm, "step_time": time.perf_counter() - start,
                   "peak_memory_mb": peak_memory_mb(self.device)}
         if self.state.step % self.cfg.train.log_every == 0 or self.done:
@@ -292,7 +297,8 @@ class Session:
         f = self.family.vae_factor(self.vae)
         self.transformer.eval()
         with self._autocast(), (nullcontext() if adapter else adapters.adapter_disabled(self.transformer)):
-            raw = self.family.sample(self.transformer, self.sample_texts[prompt], (res // f, res // f),
+            text = {k: v[None] for k, v in self.sample_texts[prompt].items()}
+            raw = self.family.sample(self.transformer, text, (res // f, res // f),
                                      self.vae.config.latent_channels, seed, steps or s.steps,
                                      s.guidance if guidance is None else guidance)
         return to_pil(self.family.decode_latents(self.vae, raw)[0])

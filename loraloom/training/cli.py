@@ -1,0 +1,108 @@
+"""``loraloom`` command line: train from a TOML config, print an example config, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from .config import ConfigError, RunConfig, load_config, to_toml
+
+EXAMPLES = {
+    "flux": dict(
+        transformer="ComfyUI/models/diffusion_models/flux1-dev2pro-fp8.safetensors",
+        text_encoder="ComfyUI/models/text_encoders/clip_l.safetensors",
+        text_encoder_2="ComfyUI/models/text_encoders/t5xxl_fp16.safetensors",
+        tokenizer="ComfyUI/comfy/sd1_tokenizer", tokenizer_2="ComfyUI/comfy/text_encoders/t5_tokenizer",
+        vae="ComfyUI/models/vae/ae.safetensors"),
+}
+
+
+def example_config(family: str) -> RunConfig:
+    """A template for a real run: Flux-dev2pro at guidance 1.0, LoRA applied to Flux-dev afterwards."""
+    cfg = RunConfig()
+    return replace(cfg, model=replace(cfg.model, family=family, **EXAMPLES[family]),
+                   data=replace(cfg.data, images="dataset/my_character", trigger="my_trigger", resolution=512),
+                   sample=replace(cfg.sample, prompts=("my_trigger, a portrait photo",), seeds=(0, 1)),
+                   output=replace(cfg.output, run_dir="runs/my_character", name="my_character"))
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .session import Session  # heavy imports only for commands that need them
+
+    cfg = load_config(args.config, args.set)
+    session = Session.open(cfg, on_event=_print_event)
+    path = session.run()
+    if cfg.sample.prompts and args.preview:
+        print(f"preview: {session.preview()}")
+    print(f"adapter: {path}")
+    return 0
+
+
+def _print_event(event: dict) -> None:
+    kind = event["type"]
+    if kind == "step":
+        print(f"step {event['step']}  loss {event['loss']:.4f}  lr {event['lr']:.2e}  "
+              f"{event['step_time']:.2f}s/step  peak {event['peak_memory_mb']:.0f} MB", flush=True)
+    elif kind in ("validation", "checkpoint", "resume", "export", "dataset"):
+        print(" ".join(f"{k}={v}" for k, v in event.items() if k not in ("type", "time")), f"[{kind}]", flush=True)
+
+
+def _config(args: argparse.Namespace) -> int:
+    sys.stdout.write(to_toml(example_config(args.example)))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    if args.prepare:
+        print(f"demo prepared: loraloom train {demo.prepare(args.prepare, steps=args.steps)}")
+        return 0
+    result = demo.run(args.out, steps=args.steps)
+    print(f"validation loss {result['val_loss_before']:.4f} -> {result['val_loss_after']:.4f}")
+    print(f"prepared in {result['prepare_seconds']:.0f} s, trained in {result['train_seconds']:.0f} s")
+    for key in ("comparison", "loss_chart", "adapter", "metrics"):
+        print(f"{key}: {result[key]}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraloom", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train (or resume) the run a TOML config describes")
+    train.add_argument("config", type=Path)
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config value (TOML syntax; repeatable)")
+    train.add_argument("--preview", action="store_true", help="write a with/without-adapter picture at the end")
+    train.set_defaults(func=_train)
+    config = sub.add_parser("config", help="print an example config")
+    config.add_argument("--example", choices=sorted(EXAMPLES), default="flux")
+    config.set_defaults(func=_config)
+    demo = sub.add_parser("demo", help="train a tiny model on generated data and show the result")
+    demo.add_argument("--prepare", type=Path, help="only write models, data and config into this folder")
+    demo.add_argument("--out", type=Path, default=Path("loraloom-demo"), help="demo folder (default ./loraloom-demo)")
+    demo.add_argument("--steps", type=int, default=600)
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:  # ModelFileError, DatasetError: messages name the file
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

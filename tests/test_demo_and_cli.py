@@ -1,0 +1,71 @@
+"""The demo (reduced) shows a LoRA that moves samples towards the training data; the CLI drives the engine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from loraloom.training import demo
+from loraloom.training.cli import main
+from loraloom.training.metrics import read_metrics
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("demo")
+    demo.prepare(folder, images=8, steps=100, vae_steps=60)
+    return folder, demo.run(folder)
+
+
+def test_demo_writes_its_results_and_learns(demo_run):
+    _, result = demo_run
+    for key in ("adapter", "comparison", "loss_chart", "metrics"):
+        assert result[key].exists(), key
+    assert result["val_loss_after"] < 0.95 * result["val_loss_before"]
+    comparison = Image.open(result["comparison"])
+    assert comparison.width > 2 * 192 and comparison.height > 3 * 192  # 2 columns, 3 seeds
+    steps = [r["step"] for r in read_metrics(result["metrics"].parent) if r["type"] == "step"]
+    assert steps == list(range(1, 101))
+
+
+def test_demo_lora_changes_the_samples(demo_run):
+    folder, _ = demo_run
+    from loraloom.training.config import load_config
+    from loraloom.training.session import Session
+
+    session = Session.open(load_config(folder / demo.CONFIG_NAME))  # resumes the finished run
+    for seed in (0, 1):
+        base = np.asarray(session.sample(demo.PROMPT, seed, adapter=False), dtype=np.float64)
+        lora = np.asarray(session.sample(demo.PROMPT, seed, adapter=True), dtype=np.float64)
+        assert np.abs(base - lora).mean() > 5  # of 255: visibly different pictures from the same noise
+
+
+def test_cli_prepare_then_train_then_resume(tmp_path, capsys):
+    assert main(["demo", "--prepare", str(tmp_path), "--steps", "4"]) == 0
+    config = tmp_path / demo.CONFIG_NAME
+    assert main(["train", str(config), "--set", "train.steps=2", "--set", "train.validate_every=0"]) == 0
+    out = capsys.readouterr().out
+    assert "step 2" in out and "adapter:" in out
+    # Running the same command with more steps continues from the checkpoint of step 2.
+    assert main(["train", str(config), "--set", "train.steps=3", "--set", "train.validate_every=0"]) == 0
+    out = capsys.readouterr().out
+    assert "step=2" in out and "[resume]" in out and "step 3" in out
+    steps = [r["step"] for r in read_metrics(tmp_path / "run") if r["type"] == "step"]
+    assert steps == [1, 2, 3]
+
+
+def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[adapter]\nrank = 0\n")
+    assert main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "adapter.rank must be at least 1" in err and "\n" not in err
+
+
+def test_cli_prints_a_valid_example(capsys, tmp_path):
+    assert main(["config", "--example", "flux"]) == 0
+    path = tmp_path / "example.toml"
+    path.write_text(capsys.readouterr().out)
+    from loraloom.training.config import load_config
+    assert load_config(path, check_paths=False).model.family == "flux"
