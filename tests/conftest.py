@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from loraloom.training.config import RunConfig, load_config, to_toml
 from loraloom.training.demo_data import write_shapes_dataset
-from loraloom.training.tiny_models import TINY, build_flux, write_flux_files
+from loraloom.training.tiny_models import REAL_WIDTH, TINY, build_flux, write_flux_files
 
 
 @pytest.fixture(scope="session")
@@ -71,3 +71,33 @@ def make_config(tiny_files, shapes_folder, shared_cache, tmp_path):
         cfg = tiny_config(tiny_files, shapes_folder, tmp_path / run, shared_cache, **sections)
         return load_config(write_config(cfg, tmp_path / f"{run}.toml"))
     return make
+
+
+@pytest.fixture
+def real_width_with_lora():
+    """See :func:`build_real_width_with_lora`."""
+    return build_real_width_with_lora
+
+
+def build_real_width_with_lora(folder: Path, alpha: float, seed: int = 0):
+    """A real-width Flux (3072 hidden, 4096 context, 768 pooled; 1 + 1 blocks) written in the BFL layout,
+    loaded back in fp32 with a rank-4 LoRA on every linear layer whose A and B are both random (as after
+    training), and that LoRA exported. Returns (files, model, lora_path)."""
+    import torch
+
+    from loraloom.loaders.files import atomic_save_safetensors
+    from loraloom.training import adapters
+    from loraloom.training.export import lora_file_state
+    from loraloom.training.families import flux
+
+    files = write_flux_files(build_flux(REAL_WIDTH, seed=seed), folder / "models", diffusers=False)
+    model = flux.load_transformer(files["transformer"], torch.float32, fp8_storage=False)
+    adapters.add_lora(model, flux.LORA_TARGETS["all_linear"], rank=4, alpha=alpha, dropout=0.0, seed=0)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for p in adapters.trainable_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    lora_path = folder / "lora.safetensors"
+    state = lora_file_state(adapters.adapter_state(model), flux.EXPORT_PREFIX, alpha, torch.float32)
+    atomic_save_safetensors(state, lora_path)
+    return files, model, lora_path

@@ -9,7 +9,6 @@ from safetensors.torch import load_file
 
 from loraloom.training.families import flux
 from loraloom.training.session import Session
-from loraloom.training.tiny_models import REAL_WIDTH, build_flux, write_flux_files
 
 
 def diffusers_prediction(transformer_path, lora_path, x, t, text, guidance):
@@ -44,25 +43,9 @@ def test_diffusers_loader_reproduces_engine_prediction(make_config, targets):
 
 
 @pytest.mark.slow
-def test_real_width_export_reproduced_by_diffusers(tmp_path, shapes_folder):
+def test_real_width_export_reproduced_by_diffusers(tmp_path, real_width_with_lora):
     """Flux's real widths (3072 hidden, 4096 context, 768 pooled), one double + one single block."""
-
-    from loraloom.loaders.files import atomic_save_safetensors
-    from loraloom.training import adapters
-    from loraloom.training.export import lora_file_state
-
-    parts = build_flux(REAL_WIDTH, seed=1)
-    files = write_flux_files(parts, tmp_path / "models", diffusers=False)
-    del parts
-    model = flux.load_transformer(files["transformer"], torch.float32, fp8_storage=False)
-    adapters.add_lora(model, flux.LORA_TARGETS["all_linear"], rank=4, alpha=4.0, dropout=0.0, seed=0)
-    with torch.no_grad():  # a trained adapter has non-zero B; set one directly
-        g = torch.Generator().manual_seed(0)
-        for p in adapters.trainable_parameters(model):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    path = tmp_path / "real.safetensors"
-    atomic_save_safetensors(lora_file_state(adapters.adapter_state(model), flux.EXPORT_PREFIX, 4.0, torch.float32),
-                            path)
+    files, model, lora_path = real_width_with_lora(tmp_path, alpha=4.0, seed=1)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, 16, 8, 8, generator=g)
     text = {"t5": torch.randn(1, 8, 4096, generator=g), "pooled": torch.randn(1, 768, generator=g)}
@@ -70,5 +53,5 @@ def test_real_width_export_reproduced_by_diffusers(tmp_path, shapes_folder):
     with torch.no_grad():
         ours = flux.predict(model, x, t, text, 1.0)
     del model
-    theirs = diffusers_prediction(files["transformer"], path, x, t, text, 1.0)
+    theirs = diffusers_prediction(files["transformer"], lora_path, x, t, text, 1.0)
     assert ((theirs - ours).norm() / ours.norm()).item() < 1e-4

@@ -16,30 +16,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loraloom.loaders.files import atomic_save_safetensors
 from loraloom.training import adapters
-from loraloom.training.export import lora_file_state
 from loraloom.training.families import flux
-from loraloom.training.tiny_models import REAL_WIDTH, build_flux, write_flux_files
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="COMFYUI_PATH not set: no ComfyUI checkout to test against")
 
 
-@pytest.mark.parametrize("targets", ["all_linear"])
-def test_comfyui_loads_every_key_and_matches_the_engine(tmp_path: Path, targets: str):
-    parts = build_flux(REAL_WIDTH, seed=2)
-    files = write_flux_files(parts, tmp_path / "models", diffusers=False)
-    del parts
-    model = flux.load_transformer(files["transformer"], torch.float32, fp8_storage=False)
-    adapters.add_lora(model, flux.LORA_TARGETS[targets], rank=4, alpha=8.0, dropout=0.0, seed=0)
-    with torch.no_grad():  # a trained adapter: non-zero B as well as A
-        g = torch.Generator().manual_seed(0)
-        for p in adapters.trainable_parameters(model):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    lora_path = tmp_path / "lora.safetensors"
-    atomic_save_safetensors(lora_file_state(adapters.adapter_state(model), flux.EXPORT_PREFIX, 8.0, torch.float32),
-                            lora_path)
+def test_comfyui_loads_every_key_and_matches_the_engine(tmp_path: Path, real_width_with_lora):
+    files, model, lora_path = real_width_with_lora(tmp_path, alpha=8.0, seed=2)
     g = torch.Generator().manual_seed(1)
     x = flux.scale_latents(torch.randn(1, 16, 8, 8, generator=g))
     text = {"t5": torch.randn(1, 8, 4096, generator=g), "pooled": torch.randn(1, 768, generator=g)}

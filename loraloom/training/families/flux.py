@@ -97,9 +97,7 @@ def load_transformer(path: str | Path, compute_dtype: torch.dtype, fp8_storage: 
     """
     path = Path(path)
     if path.is_dir():
-        folder = path / "transformer" if (path / "transformer" / "config.json").exists() else path
-        config = json.loads((folder / "config.json").read_text())
-        sd = read_safetensors(find_weights(folder), what="the Flux transformer")
+        config, sd = read_diffusers_folder(path, "transformer", "the Flux transformer")
     else:
         sd = strip_prefix(read_safetensors([path], what="the Flux transformer"),
                           ("model.diffusion_model.", "diffusion_model."))
@@ -115,11 +113,22 @@ def load_transformer(path: str | Path, compute_dtype: torch.dtype, fp8_storage: 
                              f"(with transformer/config.json) or a BFL/ComfyUI single file")
     if DIFFUSERS_MARKER not in sd:
         raise _not_flux(path, sd)
-    config = {k: v for k, v in config.items() if not k.startswith("_")}
     with init_empty_weights():
         model = FluxTransformer2DModel(**config)
     _assign(model, sd, compute_dtype, fp8_storage, path)
     return model.requires_grad_(False).eval()
+
+
+def read_diffusers_folder(path: Path, subfolder: str, what: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Constructor arguments and weights of a diffusers model folder (the pipeline root or the subfolder)."""
+    folder = path / subfolder if (path / subfolder / "config.json").is_file() else path
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelFileError(f"{folder}: no readable config.json ({e}); expected a diffusers folder with "
+                             f"{what} (or its {subfolder}/ subfolder)") from None
+    weights = read_safetensors(find_weights(folder), what=what)
+    return {k: v for k, v in config.items() if not k.startswith("_")}, weights
 
 
 def _not_flux(path: Path, sd: dict) -> ModelFileError:
@@ -155,9 +164,7 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32) -> Autoencode
     """The Flux VAE from ``ae.safetensors`` (BFL/LDM keys), a diffusers-keyed file or a diffusers folder."""
     path = Path(path)
     if path.is_dir():
-        folder = path / "vae" if (path / "vae" / "config.json").exists() else path
-        config = json.loads((folder / "config.json").read_text())
-        sd = read_safetensors(find_weights(folder), what="the Flux VAE")
+        config, sd = read_diffusers_folder(path, "vae", "the Flux VAE")
     else:
         sd = strip_prefix(read_safetensors([path], what="the Flux VAE"), ("vae.", "first_stage_model."))
         if "encoder.conv_in.weight" not in sd or "decoder.conv_out.weight" not in sd:
@@ -166,7 +173,6 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32) -> Autoencode
         config = vae_config_from_shapes(sd)
         if "encoder.down.0.block.0.conv1.weight" in sd:  # LDM/BFL layout
             sd = convert_ldm_vae_checkpoint(sd, config)
-    config = {k: v for k, v in config.items() if not k.startswith("_")}
     with init_empty_weights():
         vae = AutoencoderKL(**config)
     try:

@@ -100,6 +100,24 @@ def _block_indices(sd: Mapping[str, torch.Tensor], prefix: str) -> list[int]:
     return sorted({int(m.group(1)) for k in sd if (m := pattern.match(k))})
 
 
+class _KeyReader:
+    """Hands out tensors by key and remembers which were taken, so no key is silently dropped."""
+
+    def __init__(self, sd: Mapping[str, torch.Tensor], layout: str):
+        self.sd, self.layout, self.used = sd, layout, set()
+
+    def __call__(self, key: str) -> torch.Tensor:
+        if key not in self.sd:
+            raise KeyError(f"{self.layout} state dict lacks {key!r}")
+        self.used.add(key)
+        return self.sd[key]
+
+    def check_all_used(self) -> None:
+        unknown = sorted(set(self.sd) - self.used)
+        if unknown:
+            raise ValueError(f"keys not in the {self.layout} layout (first of {len(unknown)}): {unknown[:5]}")
+
+
 def transformer_to_bfl(sd: Mapping[str, torch.Tensor], *, prefix: str = "") -> dict[str, torch.Tensor]:
     """Diffusers ``FluxTransformer2DModel.state_dict()`` -> BFL ``flux1-dev.safetensors`` keys.
 
@@ -121,13 +139,7 @@ def transformer_to_bfl(sd: Mapping[str, torch.Tensor], *, prefix: str = "") -> d
     real-width files; this function itself has no width built in.
     """
     out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-
-    def take(key: str) -> torch.Tensor:
-        if key not in sd:
-            raise KeyError(f"diffusers Flux state dict lacks {key!r}")
-        used.add(key)
-        return sd[key]
+    take = _KeyReader(sd, "diffusers Flux")
 
     def put(key: str, tensor: torch.Tensor) -> None:
         out[prefix + key] = tensor
@@ -157,9 +169,7 @@ def transformer_to_bfl(sd: Mapping[str, torch.Tensor], *, prefix: str = "") -> d
             for p in _PARAMS:
                 put(f"{dst}{fused}.{p}", torch.cat([take(f"{src}{part}.{p}") for part in parts], dim=0))
 
-    unknown = sorted(set(sd) - used)
-    if unknown:
-        raise ValueError(f"keys not in the diffusers Flux layout (first of {len(unknown)}): {unknown[:5]}")
+    take.check_all_used()
     return out
 
 
@@ -172,14 +182,7 @@ def transformer_from_bfl(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     ``linear1`` (3H + M, H) into H, H, H and the rest, with H = ``img_in.weight.shape[0]``.
     """
     out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-
-    def take(key: str) -> torch.Tensor:
-        if key not in sd:
-            raise KeyError(f"BFL Flux state dict lacks {key!r}")
-        used.add(key)
-        return sd[key]
-
+    take = _KeyReader(sd, "BFL Flux")
     hidden = sd["img_in.weight"].shape[0]
     for dst, src in _FLUX_TOP.items():
         if src.startswith("guidance_in") and f"{src}.weight" not in sd:
@@ -202,9 +205,7 @@ def transformer_from_bfl(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
                     sizes = [hidden] * (len(parts) - 1) + [whole.shape[0] - hidden * (len(parts) - 1)]
                     for part, piece in zip(parts, torch.split(whole, sizes, dim=0)):
                         out[f"{dst}{part}.{p}"] = piece
-    unknown = sorted(set(sd) - used)
-    if unknown:
-        raise ValueError(f"keys not in the BFL Flux layout (first of {len(unknown)}): {unknown[:5]}")
+    take.check_all_used()
     return out
 
 # --------------------------------------------------------------------------------------------------
