@@ -87,6 +87,9 @@ _SINGLE_FUSED: dict[str, tuple[str, ...]] = {
 }
 
 _PARAMS = ("weight", "bias")
+# (BFL block prefix, diffusers block prefix, one-to-one renames, fused projections) per kind of block.
+_BLOCKS = (("double_blocks.", "transformer_blocks.", _DOUBLE_RENAME, _DOUBLE_FUSED),
+           ("single_blocks.", "single_transformer_blocks.", _SINGLE_RENAME, _SINGLE_FUSED))
 
 
 def _swap_halves(t: torch.Tensor) -> torch.Tensor:
@@ -153,21 +156,14 @@ def transformer_to_bfl(sd: Mapping[str, torch.Tensor], *, prefix: str = "") -> d
         for p in _PARAMS:
             put(f"{dst}.{p}", _swap_halves(take(f"{src}.{p}")))
 
-    for i in _block_indices(sd, "transformer_blocks."):
-        src, dst = f"transformer_blocks.{i}.", f"double_blocks.{i}."
-        for k, v in _DOUBLE_RENAME.items():
-            put(dst + v, take(src + k))
-        for fused, parts in _DOUBLE_FUSED.items():
-            for p in _PARAMS:
-                put(f"{dst}{fused}.{p}", torch.cat([take(f"{src}{part}.{p}") for part in parts], dim=0))
-
-    for i in _block_indices(sd, "single_transformer_blocks."):
-        src, dst = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
-        for k, v in _SINGLE_RENAME.items():
-            put(dst + v, take(src + k))
-        for fused, parts in _SINGLE_FUSED.items():
-            for p in _PARAMS:
-                put(f"{dst}{fused}.{p}", torch.cat([take(f"{src}{part}.{p}") for part in parts], dim=0))
+    for bfl_prefix, diffusers_prefix, renames, fusions in _BLOCKS:
+        for i in _block_indices(sd, diffusers_prefix):
+            src, dst = f"{diffusers_prefix}{i}.", f"{bfl_prefix}{i}."
+            for k, v in renames.items():
+                put(dst + v, take(src + k))
+            for fused, parts in fusions.items():
+                for p in _PARAMS:
+                    put(f"{dst}{fused}.{p}", torch.cat([take(f"{src}{part}.{p}") for part in parts], dim=0))
 
     take.check_all_used()
     return out
@@ -192,9 +188,7 @@ def transformer_from_bfl(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     for dst, src in _FLUX_SWAPPED.items():
         for p in _PARAMS:
             out[f"{dst}.{p}"] = _swap_halves(take(f"{src}.{p}"))
-    blocks = (("double_blocks.", "transformer_blocks.", _DOUBLE_RENAME, _DOUBLE_FUSED),
-              ("single_blocks.", "single_transformer_blocks.", _SINGLE_RENAME, _SINGLE_FUSED))
-    for bfl_prefix, diffusers_prefix, renames, fusions in blocks:
+    for bfl_prefix, diffusers_prefix, renames, fusions in _BLOCKS:
         for i in _block_indices(sd, bfl_prefix):
             src, dst = f"{bfl_prefix}{i}.", f"{diffusers_prefix}{i}."
             for k, v in renames.items():
