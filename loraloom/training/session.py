@@ -111,8 +111,9 @@ class Session:
         val = [samples[i] for i in sorted(val_ids)] or train[: min(4, len(train))]
         cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.run_dir.parent / "cache"
         self.vae = self.family.load_vae(cfg.model.vae).to(self.device)
-        latents = self._encode_latents(cache_root, train + val)
-        prompts = [s.caption for s in train + val] + list(cfg.sample.prompts)
+        unique = list({s.content_hash: s for s in train + val}.values())  # each image and caption encoded once
+        latents = self._encode_latents(cache_root, unique)
+        prompts = list(dict.fromkeys([s.caption for s in unique] + list(cfg.sample.prompts)))
         texts = dict(zip(prompts, self._encode_texts(cache_root, prompts)))
         self.train_items = [Item(latents[s.content_hash], texts[s.caption]) for s in train]
         self.val_items = [Item(latents[s.content_hash], texts[s.caption]) for s in val]
