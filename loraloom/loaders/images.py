@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .files import atomic_write_bytes
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -80,3 +83,11 @@ def to_pil(pixels: torch.Tensor) -> Image.Image:
     """(3, H, W) in [-1, 1] → an RGB image."""
     arr = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(arr)
+
+
+def save_png(image: Image.Image, path: str | Path) -> Path:
+    """Write ``image`` as a PNG atomically. Pillow writes no timestamp: same pixels, same bytes."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)

@@ -9,7 +9,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .config import ConfigError, RunConfig, load_config, to_toml
+from .config import RunConfig, load_config, to_toml
 
 EXAMPLES = {
     "flux": dict(
@@ -96,10 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError) as e:  # ModelFileError, DatasetError: messages name the file
+    except (ValueError, FileNotFoundError) as e:  # ConfigError, ModelFileError, DatasetError name the key or file
         print(f"error: {e}", file=sys.stderr)
         return 2
 

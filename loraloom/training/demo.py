@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from ..loaders.files import atomic_write_bytes
-from ..loaders.images import from_pil
+from ..loaders.images import from_pil, save_png
 from .config import RunConfig, load_config, to_toml
 from .demo_data import fit_autoencoder, write_shapes_dataset
 from .families import flux
@@ -101,8 +101,7 @@ def run(folder: str | Path, steps: int | None = None, **prepare_args) -> dict:
     val = [r for r in records if r["type"] == "validation"]
     chart = loss_chart([r["step"] for r in train], [r["loss"] for r in train],
                        [r["step"] for r in val], [r["val_loss"] for r in val])
-    chart_path = session.run_dir / "loss.png"
-    chart.save(chart_path)
+    chart_path = save_png(chart, session.run_dir / "loss.png")
     return {"adapter": adapter, "comparison": comparison, "loss_chart": chart_path,
             "metrics": session.metrics.path, "val_loss_before": first_val, "val_loss_after": last_val,
             "prepare_seconds": prepared - start, "train_seconds": time.perf_counter() - prepared}

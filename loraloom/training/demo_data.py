@@ -6,7 +6,6 @@ is obvious beside the untouched model, even at 64 px with tiny random-weight mod
 
 from __future__ import annotations
 
-import io
 import math
 import random
 from pathlib import Path
@@ -16,7 +15,7 @@ from diffusers import AutoencoderKL
 from PIL import Image, ImageDraw
 
 from ..loaders.files import atomic_write_bytes
-from ..loaders.images import from_pil
+from ..loaders.images import from_pil, save_png
 
 # Wording varies a little so the trigger word, not one fixed sentence, is what the captions share.
 _CAPTION_TEMPLATES = (
@@ -55,10 +54,7 @@ def write_shapes_dataset(folder: Path, count: int, size: int, seed: int, trigger
     for i in range(count):
         img = _shapes_image(rng, size)
         caption = rng.choice(_CAPTION_TEMPLATES).format(trigger=trigger)
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")  # Pillow writes no timestamp, so the bytes depend only on the pixels
-        png = folder / f"{i:04d}.png"
-        atomic_write_bytes(png, buf.getvalue())
+        png = save_png(img, folder / f"{i:04d}.png")
         atomic_write_bytes(png.with_suffix(".txt"), caption.encode("utf-8"))
         paths.append(png)
     return paths

@@ -27,8 +27,8 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from ..loaders.cache import EncoderCache, text_key
-from ..loaders.files import atomic_write_bytes, fingerprint
-from ..loaders.images import Sample, index_folder, load_image, to_pil
+from ..loaders.files import fingerprint
+from ..loaders.images import Sample, index_folder, load_image, save_png, to_pil
 from . import adapters, checkpoint
 from .config import ConfigError, RunConfig, config_from_dict, to_toml
 from .export import EXPORT_DTYPES, kohya_metadata, write_lora
@@ -315,11 +315,7 @@ class Session:
         columns = {name: [self.sample(p, seed, adapter=flag) for p, seed in rows]
                    for name, flag in (("base model", False), (f"with LoRA (step {self.state.step})", True))}
         picture = side_by_side(columns, [f"seed {seed}: {p[:40]}" for p, seed in rows])
-        path = self.run_dir / "samples" / f"step-{self.state.step:08d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        buf = io.BytesIO()
-        picture.save(buf, format="PNG")
-        atomic_write_bytes(path, buf.getvalue())
+        path = save_png(picture, self.run_dir / "samples" / f"step-{self.state.step:08d}.png")
         self._emit({"type": "preview", "step": self.state.step, "path": str(path)})
         return path
 
