@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -18,26 +19,40 @@ class ModelFileError(ValueError):
     """A model file that cannot be used; the message names the file and what was expected."""
 
 
-def find_weights(folder: Path) -> list[Path]:
-    """The safetensors shards of a diffusers/transformers folder."""
+class WriteError(OSError):
+    """An output that could not be written (disk full, read-only folder); nothing was half-written."""
+
+
+def find_weights(folder: Path, allow_pickle: bool = False) -> list[Path]:
+    """The safetensors shards of a diffusers/transformers folder (or, opted in, its pickle shards)."""
     files = sorted(folder.glob("*.safetensors"))
+    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not files and pickles and allow_pickle:
+        return pickles
     if not files:
-        pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
-        extra = f" (found pickle files {pickles}: convert them to safetensors)" if pickles else ""
+        extra = f" (found pickle files {[p.name for p in pickles]}: convert them to safetensors)" if pickles else ""
         raise ModelFileError(f"{folder}: no .safetensors weights in this folder{extra}")
     return files
 
 
-def read_safetensors(paths: Iterable[Path], what: str) -> dict[str, torch.Tensor]:
-    """All tensors of one or more safetensors files, in their stored dtype (fp8 stays fp8)."""
+def read_safetensors(paths: Iterable[Path], what: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of one or more safetensors files, in their stored dtype (fp8 stays fp8).
+
+    Pickle files (.ckpt/.pt/.pth/.bin) are refused unless ``allow_pickle``; then they are read with
+    ``torch.load(weights_only=True)``, which unpickles tensors and plain containers only, never code.
+    """
     out: dict[str, torch.Tensor] = {}
     for path in paths:
         path = Path(path)
-        if path.suffix in PICKLE_SUFFIXES:
-            raise ModelFileError(f"{path}: pickle checkpoints are not loaded (they can run code). Convert it "
-                                 f"to .safetensors, or use a .safetensors release of {what}.")
+        if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
+            raise ModelFileError(f"{path}: pickle checkpoints are not loaded by default (they can run code). "
+                                 f"Convert it to .safetensors, use a .safetensors release of {what}, or opt in "
+                                 "to loading it as plain tensors (weights_only).")
         if not path.is_file():
             raise ModelFileError(f"{path}: file not found (expected {what})")
+        if path.suffix in PICKLE_SUFFIXES:
+            out.update(_read_pickle_weights(path, what))
+            continue
         try:
             with safe_open(str(path), framework="pt") as f:
                 for k in f.keys():  # noqa: SIM118 (safe_open is not a dict)
@@ -46,6 +61,22 @@ def read_safetensors(paths: Iterable[Path], what: str) -> dict[str, torch.Tensor
             raise ModelFileError(f"{path}: not a readable .safetensors file ({e}); the file may be truncated "
                                  f"or corrupt: download {what} again") from None
     return out
+
+
+def _read_pickle_weights(path: Path, what: str) -> dict[str, torch.Tensor]:
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ModelFileError(f"{path}: refused: the pickle holds more than tensors ({str(e).splitlines()[0]}); "
+                             f"only plain weights are loaded. Use a .safetensors release of {what}.") from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise ModelFileError(f"{path}: not a readable checkpoint ({e}); the file may be truncated or corrupt: "
+                             f"download {what} again") from None
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):  # Lightning / A1111 checkpoints
+        data = data["state_dict"]
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise ModelFileError(f"{path}: expected a dict of tensors (a state dict), found {type(data).__name__}")
+    return data
 
 
 def strip_prefix(sd: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -87,9 +118,26 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise WriteError(e.errno, f"{path}: could not be written ({e.strerror or e}); the previous file, if "
+                                  "any, is unchanged. Free disk space or choose a folder you can write to.") from e
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
+
+
+def writable_folder(folder: str | Path, key: str) -> Path:
+    """Create ``folder`` if needed and prove it accepts files; the error names the config ``key``."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise WriteError(e.errno, f"{key}: {folder} is not writable ({e.strerror or e}); choose a folder you "
+                                  f"can write to, or fix its permissions") from None
+    return folder
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,

@@ -44,7 +44,9 @@ def _train(args: argparse.Namespace) -> int:
 
 def _print_event(event: dict) -> None:
     kind = event["type"]
-    if kind == "step":
+    if kind == "step" and event.get("skipped"):
+        print(f"step {event['step']}  skipped: {event['skipped']}", flush=True)
+    elif kind == "step":
         print(f"step {event['step']}  loss {event['loss']:.4f}  lr {event['lr']:.2e}  "
               f"{event['step_time']:.2f}s/step  peak {event['peak_memory_mb']:.0f} MB", flush=True)
     elif kind in ("validation", "checkpoint", "resume", "export", "dataset"):
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # ConfigError, ModelFileError, DatasetError name the key or file
+    except (ValueError, OSError) as e:  # ConfigError, ModelFileError, DatasetError, WriteError name the key or file
         print(f"error: {e}", file=sys.stderr)
         return 2
 

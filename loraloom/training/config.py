@@ -122,7 +122,15 @@ class TrainConfig:
     shift: float = doc("Fixed shift for timesteps='shift'.", 3.0)
     seed: int = doc("Seed of data order, noise and timesteps.", 42)
     checkpoint_every: int = doc("Write a resumable checkpoint every N steps (0: only at the end).", 250)
-    keep_checkpoints: int = doc("How many checkpoints to keep.", 2)
+    keep_checkpoints: int = doc("How many of the newest checkpoints to keep.", 2)
+    keep_checkpoint_every: int = doc(
+        "Also keep every checkpoint whose step is a multiple of this, for good (0: none).", 0
+    )
+    nonfinite_patience: int = doc(
+        "A step whose loss or gradient norm is NaN/inf is skipped (no update) and counted; after this many "
+        "in a row the run stops with an error, its last checkpoint intact.",
+        5,
+    )
     validate_every: int = doc("Compute the held-out validation loss every N steps (0: never).", 100)
     log_every: int = doc("Write a metrics line every N steps.", 1)
 
@@ -239,21 +247,24 @@ def _check_values(cfg: RunConfig) -> None:
         ("train.shift", cfg.train.shift > 0, "must be positive"),
         ("train.checkpoint_every", cfg.train.checkpoint_every >= 0, "must be >= 0"),
         ("train.keep_checkpoints", cfg.train.keep_checkpoints >= 1, "must be at least 1"),
+        ("train.keep_checkpoint_every", cfg.train.keep_checkpoint_every >= 0, "must be >= 0"),
+        ("train.nonfinite_patience", cfg.train.nonfinite_patience >= 1, "must be at least 1"),
         ("train.log_every", cfg.train.log_every >= 1, "must be at least 1"),
         ("data.resolution", cfg.data.resolution >= 16 and cfg.data.resolution % 16 == 0,
          "must be a multiple of 16 (VAE factor 8 x patch 2)"),
         ("data.validation_images", cfg.data.validation_images >= 0, "must be >= 0"),
         ("sample.steps", cfg.sample.steps >= 1, "must be at least 1"),
         ("sample.resolution", cfg.sample.resolution % 16 == 0, "must be a multiple of 16"),
-        ("output.name", _safe_name(cfg.output.name), "must be a plain file name (no '/', '\\' or '..')"),
+        ("output.name", plain_file_name(cfg.output.name), "must be a plain file name (no '/', '\\' or '..')"),
     ]
     for key, ok, why in checks:
         if not ok:
             raise ConfigError(f"{key} {why}")
 
 
-def _safe_name(name: str) -> bool:
-    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..") and ".." not in name
+def plain_file_name(name: str) -> bool:
+    """True for a name that stays inside its folder: not empty, no '/', '\\', '..' or NUL."""
+    return bool(name) and not any(bad in name for bad in ("/", "\\", "..", "\x00")) and name != "."
 
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> None:

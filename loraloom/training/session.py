@@ -9,10 +9,14 @@ The CLI and the ComfyUI nodes both drive this API::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import hashlib
 import io
 import json
 import logging
+import math
+import random
 import resource
 import time
 import warnings
@@ -21,16 +25,17 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from ..loaders.cache import EncoderCache, text_key
-from ..loaders.files import fingerprint
+from ..loaders.files import fingerprint, writable_folder
 from ..loaders.images import Sample, index_folder, load_image, save_png, to_pil
 from . import adapters, checkpoint
-from .config import ConfigError, RunConfig, config_from_dict, to_toml
+from .config import ConfigError, DataConfig, RunConfig, config_from_dict, plain_file_name, to_toml
 from .export import EXPORT_DTYPES, kohya_metadata, write_lora
 from .families import FAMILIES
 from .metrics import MetricsLog
@@ -41,17 +46,29 @@ log = logging.getLogger(__name__)
 Event = dict[str, Any]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VALIDATION_TIMESTEPS = 4
-# Keys that define what is being trained: a resume with any of them changed is refused.
-FIXED_ON_RESUME = ("model.family", "model.transformer", "adapter", "data.resolution", "data.images",
-                   "data.trigger", "data.validation_images", "train.batch_size", "train.gradient_accumulation",
-                   "train.seed", "optimizer.name")
+# Keys a resume may change: they do not alter what the next step computes. Any other changed key (base
+# model, adapter shape, batch size, lr, data settings, including keys added later) refuses the resume.
+CHANGEABLE_ON_RESUME = ("train.steps", "train.checkpoint_every", "train.keep_checkpoints",
+                        "train.keep_checkpoint_every", "train.nonfinite_patience", "train.validate_every",
+                        "train.log_every", "train.gradient_checkpointing", "model.guidance_distilled",
+                        "data.images", "data.cache_dir", "sample.", "output.")
+
+
+class NonFiniteError(ValueError):
+    """Too many steps in a row with a NaN/inf loss or gradient: the run stopped, its last checkpoint intact."""
 
 
 @dataclasses.dataclass
 class TrainState:
-    """Where the run is: everything besides weights, optimizer and RNGs that the next step depends on."""
+    """Where the run is: everything besides weights, optimizer and RNGs that the next step depends on.
+
+    Checkpoints are taken between optimizer steps only (an interrupted step is undone), so the
+    gradient-accumulation position is always a whole step and ``samples_seen`` fixes the next micro-batch.
+    """
     step: int = 0
     samples_seen: int = 0  # position in the stream of shuffled epochs
+    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient, in all
+    nonfinite_streak: int = 0  # of those, how many in a row up to now
 
 
 @dataclasses.dataclass
@@ -73,6 +90,7 @@ class Session:
         self.state = TrainState()
         self.generator = torch.Generator().manual_seed(cfg.train.seed)  # noise and timesteps
         self.torch_rng = _seeded_rng_states(cfg.train.seed + 1)  # dropout; the host's RNG is left alone
+        self.host_rng = _seeded_host_rng_states(cfg.train.seed + 2)  # python and numpy, likewise
         self._epoch_order: tuple[int, torch.Tensor] | None = None
 
     # ------------------------------------------------------------ set-up
@@ -80,15 +98,14 @@ class Session:
     @classmethod
     def open(cls, cfg: RunConfig, on_event: Callable[[Event], None] | None = None) -> Session:
         """Build the run in ``cfg.output.run_dir``; continue from its newest valid checkpoint if any."""
-        run_dir = Path(cfg.output.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir = writable_folder(cfg.output.run_dir, "output.run_dir")
         self = cls(cfg, run_dir, on_event)
         self._warn_about_guidance()
         self._load_data()
         self._load_model()
-        found = checkpoint.valid_checkpoints(run_dir)
+        found = checkpoint.newest_valid_checkpoint(run_dir)
         if found:
-            self._restore(found[-1])
+            self._restore(*found)
         else:
             self.metrics.truncate_after(0)
         return self
@@ -118,6 +135,7 @@ class Session:
         self.train_items = [Item(latents[s.content_hash], texts[s.caption]) for s in train]
         self.val_items = [Item(latents[s.content_hash], texts[s.caption]) for s in val]
         self.sample_texts = {p: texts[p] for p in cfg.sample.prompts}
+        self.dataset_fingerprint = dataset_fingerprint(train, cfg.data)
         self._emit({"type": "dataset", "train": len(train), "validation": len(val), "held_out": held_out,
                     "skipped": index.skipped})
 
@@ -203,8 +221,26 @@ class Session:
         return self.export()
 
     def _train_step(self) -> Event:
-        with _rng_states(self.torch_rng):
-            return self._train_step_inner()
+        before = copy.deepcopy(self.state), self.generator.get_state()
+        try:
+            # The RNG contexts save the advanced states only when the step completes.
+            with _rng_states(self.torch_rng), _host_rng_states(self.host_rng):
+                record = self._train_step_inner()
+        except BaseException:
+            if self.state.step == before[0].step:
+                # Interrupted before the update (ComfyUI Cancel, Ctrl-C): undo the data position and noise
+                # draws, so a checkpoint taken now resumes exactly at this step.
+                self.state, _ = before
+                self.generator.set_state(before[1])
+                self.optimizer.zero_grad(set_to_none=True)
+            raise
+        if self.state.nonfinite_streak >= self.cfg.train.nonfinite_patience:
+            raise NonFiniteError(
+                f"{self.state.nonfinite_streak} steps in a row (up to step {self.state.step}) had a NaN/inf loss "
+                f"or gradient and were skipped; stopping. The last checkpoint in "
+                f"{checkpoint.checkpoint_dir(self.run_dir)} is intact: lower optimizer.lr, check the data, or use "
+                "train.mixed_precision = 'fp32', then resume.")
+        return record
 
     def _train_step_inner(self) -> Event:
         start = time.perf_counter()
@@ -216,18 +252,27 @@ class Session:
                 loss = self._loss(self._next_batch()) / accumulation
             loss.backward()
             total += loss.detach()
+        checkpoint.fault_point("step.after-backward")
         max_norm = self.cfg.train.max_grad_norm or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         mean_loss, grad_norm = torch.stack([total, grad_norm.to(total)]).tolist()  # one host sync per step
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
+        finite = math.isfinite(mean_loss) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.state.nonfinite_streak = 0
+        else:  # skip the update: one bad batch must not poison the weights or the optimizer's moments
+            self.state.skipped_steps += 1
+            self.state.nonfinite_streak += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
-        record = {"type": "step", "step": self.state.step, "loss": mean_loss, "lr": lr,
-                  "grad_norm": grad_norm, "step_time": time.perf_counter() - start,
+        record = {"type": "step", "step": self.state.step, "loss": mean_loss if finite else None, "lr": lr,
+                  "grad_norm": grad_norm if finite else None, "step_time": time.perf_counter() - start,
                   "peak_memory_mb": peak_memory_mb(self.device)}
-        if self.state.step % self.cfg.train.log_every == 0 or self.done:
+        if not finite:
+            record["skipped"] = f"non-finite {'loss' if not math.isfinite(mean_loss) else 'gradient norm'}"
+        if self.state.step % self.cfg.train.log_every == 0 or self.done or not finite:
             self._emit(record)
         return record
 
@@ -330,17 +375,22 @@ class Session:
             "adapter.safetensors": save_tensors(adapters.adapter_state(self.transformer)),
             "optimizer.pt": opt.getvalue(),
             "rng.safetensors": save_tensors(rng),
+            "host_rng.json": json.dumps(self.host_rng).encode(),
             "state.json": json.dumps(dataclasses.asdict(self.state)).encode(),
             "config.toml": to_toml(self.cfg, comments=False).encode(),
             "config.json": json.dumps(self.cfg.to_dict()).encode(),
+            "fingerprints.json": json.dumps({"model.transformer": self.base_fingerprint,
+                                             "data.images": self.dataset_fingerprint}).encode(),
         }
-        path = checkpoint.write_checkpoint(self.run_dir, self.state.step, files, self.cfg.train.keep_checkpoints)
+        train = self.cfg.train
+        path = checkpoint.write_checkpoint(self.run_dir, self.state.step, files, train.keep_checkpoints,
+                                           train.keep_checkpoint_every)
         self._emit({"type": "checkpoint", "step": self.state.step, "path": str(path)})
         return path
 
-    def _restore(self, folder: Path) -> None:
-        files = checkpoint.read_checkpoint(folder)
+    def _restore(self, folder: Path, files: dict[str, bytes]) -> None:
         self._check_resume_config(json.loads(files["config.json"]), folder)
+        self._check_fingerprints(json.loads(files["fingerprints.json"]), folder)
         adapters.load_adapter_state(self.transformer, load_tensors(files["adapter.safetensors"]))
         opt = torch.load(io.BytesIO(files["optimizer.pt"]), weights_only=True)
         self.optimizer.load_state_dict(opt["optimizer"])
@@ -348,20 +398,34 @@ class Session:
         rng = load_tensors(files["rng.safetensors"])
         self.generator.set_state(rng.pop("noise"))
         self.torch_rng = rng
+        self.host_rng = json.loads(files["host_rng.json"])
         self.state = TrainState(**json.loads(files["state.json"]))
         self.metrics.truncate_after(self.state.step)
         self._emit({"type": "resume", "step": self.state.step, "path": str(folder)})
 
     def _check_resume_config(self, saved: dict, folder: Path) -> None:
         old, new = _flatten(config_from_dict(saved).to_dict()), _flatten(self.cfg.to_dict())
-        for key in sorted(old):
-            if key.startswith(FIXED_ON_RESUME) and old[key] != new.get(key):
+        for key in sorted(old.keys() | new.keys()):
+            if not key.startswith(CHANGEABLE_ON_RESUME) and old.get(key) != new.get(key):
                 raise ConfigError(
-                    f"{key} changed from {old[key]!r} to {new.get(key)!r} since the checkpoint {folder}; "
+                    f"{key} changed from {old.get(key)!r} to {new.get(key)!r} since the checkpoint {folder}; "
                     f"resuming would train something else. Restore it, or use a new output.run_dir.")
+
+    def _check_fingerprints(self, saved: dict[str, str], folder: Path) -> None:
+        """Same paths, different content: a swapped base model or edited images/captions."""
+        current = {"model.transformer": self.base_fingerprint, "data.images": self.dataset_fingerprint}
+        for key, value in saved.items():
+            if current[key] != value:
+                raise ConfigError(
+                    f"{key}: the content changed since the checkpoint {folder} (fingerprint {value} -> "
+                    f"{current[key]}; a different base model file, or images/captions added, removed or "
+                    f"edited). Restore it, or use a new output.run_dir to train on the new content.")
 
     def export(self, path: str | Path | None = None, dtype: str = "bf16") -> Path:
         """Write the adapter for ComfyUI's LoraLoader and diffusers, with kohya-style metadata."""
+        if path is None and not plain_file_name(self.cfg.output.name):
+            raise ConfigError(f"output.name {self.cfg.output.name!r} must be a plain file name (no '/', '\\' or "
+                              f"'..'): it would be written outside {self.run_dir}")
         path = Path(path) if path else self.run_dir / f"{self.cfg.output.name}.safetensors"
         meta = kohya_metadata(self.cfg, self.state.step, self.base_fingerprint, self.family.ARCHITECTURE,
                               self.family.NAME)
@@ -386,6 +450,37 @@ def _seeded_rng_states(seed: int) -> dict[str, torch.Tensor]:
     with torch.random.fork_rng(devices=_cuda_devices()):
         torch.manual_seed(seed)
         return _current_rng_states()
+
+
+def _seeded_host_rng_states(seed: int) -> dict[str, list]:
+    """Python's and numpy's global RNG states as after seeding both with ``seed``, as JSON-ready lists."""
+    return {"python": list(random.Random(seed).getstate()),
+            "numpy": list(np.random.RandomState(seed).get_state(legacy=True))}
+
+
+@contextmanager
+def _host_rng_states(states: dict[str, list]) -> Iterator[None]:
+    """Like :func:`_rng_states` for python's ``random`` and numpy's global RNG."""
+    host = random.getstate(), np.random.get_state()
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    try:
+        yield
+        py, (name, keys, pos, has_gauss, cached) = random.getstate(), np.random.get_state()
+        states.update(python=list(py), numpy=[name, keys.tolist(), pos, has_gauss, cached])
+    finally:
+        random.setstate(host[0])
+        np.random.set_state(host[1])
+
+
+def dataset_fingerprint(train: list[Sample], data_cfg: DataConfig) -> str:
+    """Identity of what is trained on: each sample's image hash and caption, plus the data settings that
+    shape the batches (folder locations excluded, so a moved dataset still resumes)."""
+    settings = {k: v for k, v in dataclasses.asdict(data_cfg).items() if k not in ("images", "cache_dir")}
+    payload = json.dumps([settings, [(s.content_hash, s.caption) for s in train]], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def _current_rng_states() -> dict[str, torch.Tensor]:
