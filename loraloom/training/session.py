@@ -390,7 +390,8 @@ class Session:
 
     def _restore(self, folder: Path, files: dict[str, bytes]) -> None:
         self._check_resume_config(json.loads(files["config.json"]), folder)
-        self._check_fingerprints(json.loads(files["fingerprints.json"]), folder)
+        # Checkpoints written before fingerprints and host RNGs were recorded resume without them.
+        self._check_fingerprints(json.loads(files.get("fingerprints.json", b"{}")), folder)
         adapters.load_adapter_state(self.transformer, load_tensors(files["adapter.safetensors"]))
         opt = torch.load(io.BytesIO(files["optimizer.pt"]), weights_only=True)
         self.optimizer.load_state_dict(opt["optimizer"])
@@ -398,7 +399,7 @@ class Session:
         rng = load_tensors(files["rng.safetensors"])
         self.generator.set_state(rng.pop("noise"))
         self.torch_rng = rng
-        self.host_rng = json.loads(files["host_rng.json"])
+        self.host_rng = json.loads(files.get("host_rng.json", json.dumps(self.host_rng)))
         self.state = TrainState(**json.loads(files["state.json"]))
         self.metrics.truncate_after(self.state.step)
         self._emit({"type": "resume", "step": self.state.step, "path": str(folder)})
