@@ -142,12 +142,16 @@ def _assign(model: torch.nn.Module, sd: dict[str, torch.Tensor], compute_dtype: 
             fp8_storage: bool, path: Path) -> None:
     """Load ``sd`` into a meta-initialised model without an upcast copy of fp8 weights."""
     linear_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    expected = set(model.state_dict())
-    missing, unexpected = expected - set(sd), set(sd) - expected
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing, unexpected = expected.keys() - sd.keys(), sd.keys() - expected.keys()
     if missing or unexpected:
         raise ModelFileError(
             f"{path}: weights do not match the model built from its shapes (missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]}); the file may be truncated or of another model")
+    wrong = [f"{k} {tuple(v.shape)}, expected {tuple(expected[k])}" for k, v in sd.items() if v.shape != expected[k]]
+    if wrong:
+        raise ModelFileError(f"{path}: tensors of the wrong width ({'; '.join(wrong[:2])}); the file mixes models "
+                             "of different sizes or is corrupt: download it again")
     out = {}
     for k, v in sd.items():
         if v.dtype == torch.float8_e4m3fn and k in linear_weights and fp8_storage:
