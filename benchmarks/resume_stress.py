@@ -7,6 +7,7 @@ plan (``checkpoint.FAULT_PLAN_ENV``). Then the run is resumed, and so on; a last
 The tests use :func:`train_with_kills` and :func:`compare_runs` for a short run; this script does a long one::
 
     python benchmarks/resume_stress.py --kills 60 --steps 48 --seed 1
+    python benchmarks/resume_stress.py --checkpoint-figures real-width   # checkpoint size and write time
 """
 
 from __future__ import annotations
@@ -142,6 +143,40 @@ def compare_runs(reference: Path, resumed: Path, step: int) -> dict:
     }
 
 
+def checkpoint_figures(width: str, folder: Path, repeats: int = 3) -> dict:
+    """Size of one checkpoint (LoRA rank 16 on attention + MLP, AdamW moments after one step) and the
+    median seconds ``Session.checkpoint`` takes to write it, for the tiny or the real-width Flux."""
+    from dataclasses import replace
+
+    from loraloom.training.config import RunConfig
+    from loraloom.training.demo_data import write_shapes_dataset
+    from loraloom.training.session import Session
+    from loraloom.training.tiny_models import REAL_WIDTH, TINY, build_flux, write_flux_files
+
+    files = write_flux_files(build_flux({"tiny": TINY, "real-width": REAL_WIDTH}[width]), folder / "models",
+                             diffusers=False)
+    write_shapes_dataset(folder / "images", count=4, size=64, seed=0, trigger="zwx")
+    cfg = RunConfig()
+    cfg = replace(cfg, model=replace(cfg.model, **{k: str(files[k]) for k in (
+                      "transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")},
+                      t5_max_length=16),
+                  data=replace(cfg.data, images=str(folder / "images"), resolution=64, validation_images=1),
+                  train=replace(cfg.train, steps=2, mixed_precision="fp32", gradient_checkpointing=False,
+                                checkpoint_every=0, validate_every=0),
+                  output=replace(cfg.output, run_dir=str(folder / "run")))
+    session = Session.open(cfg)
+    session.step(1)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        path = session.checkpoint()
+        seconds.append(time.perf_counter() - start)
+    size = sum(f.stat().st_size for f in path.iterdir())
+    return {"width": width, "adapter_parameters": sum(p.numel() for p in session.params),
+            "checkpoint_mb": round(size / 2**20, 2),
+            "write_seconds_median": round(sorted(seconds)[len(seconds) // 2], 3)}
+
+
 def main() -> None:
     from loraloom.training import demo
 
@@ -150,7 +185,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="resume-stress-")))
+    parser.add_argument("--checkpoint-figures", choices=["tiny", "real-width"],
+                        help="instead of killing runs, measure checkpoint size and write time")
     args = parser.parse_args()
+    if args.checkpoint_figures:
+        print(json.dumps(checkpoint_figures(args.checkpoint_figures, args.out), indent=1))
+        return
     config = demo.prepare(args.out, images=8, steps=args.steps, vae_steps=0)
     common = [f"train.steps={args.steps}", "train.checkpoint_every=2", "train.keep_checkpoints=2",
               "train.keep_checkpoint_every=8", "train.validate_every=5", "train.gradient_accumulation=2",

@@ -165,3 +165,31 @@ def test_checkpoint_records_every_rng_and_the_content_fingerprints(make_config):
     host = json.loads(files["host_rng.json"])
     assert host.keys() == {"python", "numpy"}
     assert json.loads(files["fingerprints.json"]).keys() == {"model.transformer", "data.images"}
+
+
+def test_python_and_numpy_randomness_inside_a_step_resumes_exactly_and_leaves_the_callers_alone(make_config):
+    """Code inside a step that draws from ``random`` or numpy's global RNG (e.g. caption shuffling) still
+    resumes exactly, and the caller's own RNG sequence is not disturbed by training."""
+    import random
+
+    import numpy as np
+
+    def jitter(session: Session) -> None:
+        session.transformer.proj_out.register_forward_hook(
+            lambda module, args, output: output * (1 + 0.05 * (random.random() + np.random.rand())))
+
+    straight = Session.open(make_config("straight", train={"steps": 4}))
+    jitter(straight)
+    random.seed(7)
+    straight.run()
+    assert random.random() == random.Random(7).random()  # the host's sequence went on untouched
+    first = Session.open(make_config("split", train={"steps": 4}))
+    jitter(first)
+    first.step(2)
+    first.checkpoint()
+    resumed = Session.open(make_config("split", train={"steps": 4}))
+    jitter(resumed)
+    np.random.seed(99)  # whatever the host does with its RNGs, the run's own states are restored
+    resumed.run()
+    a, b = _adapter(straight), _adapter(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -399,7 +399,8 @@ class Session:
         rng = load_tensors(files["rng.safetensors"])
         self.generator.set_state(rng.pop("noise"))
         self.torch_rng = rng
-        self.host_rng = json.loads(files.get("host_rng.json", json.dumps(self.host_rng)))
+        if "host_rng.json" in files:
+            self.host_rng = json.loads(files["host_rng.json"])
         self.state = TrainState(**json.loads(files["state.json"]))
         self.metrics.truncate_after(self.state.step)
         self._emit({"type": "resume", "step": self.state.step, "path": str(folder)})
@@ -456,7 +457,12 @@ def _seeded_rng_states(seed: int) -> dict[str, torch.Tensor]:
 def _seeded_host_rng_states(seed: int) -> dict[str, list]:
     """Python's and numpy's global RNG states as after seeding both with ``seed``, as JSON-ready lists."""
     return {"python": list(random.Random(seed).getstate()),
-            "numpy": list(np.random.RandomState(seed).get_state(legacy=True))}
+            "numpy": _numpy_state_as_list(np.random.RandomState(seed).get_state(legacy=True))}
+
+
+def _numpy_state_as_list(state: tuple) -> list:
+    name, keys, pos, has_gauss, cached = state
+    return [name, keys.tolist(), pos, has_gauss, cached]
 
 
 @contextmanager
@@ -469,8 +475,7 @@ def _host_rng_states(states: dict[str, list]) -> Iterator[None]:
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     try:
         yield
-        py, (name, keys, pos, has_gauss, cached) = random.getstate(), np.random.get_state()
-        states.update(python=list(py), numpy=[name, keys.tolist(), pos, has_gauss, cached])
+        states.update(python=list(random.getstate()), numpy=_numpy_state_as_list(np.random.get_state()))
     finally:
         random.setstate(host[0])
         np.random.set_state(host[1])
