@@ -158,7 +158,9 @@ def test_cancel_mid_step_then_checkpoint_resumes_exactly(make_config):
 
 def test_checkpoint_records_every_rng_and_the_content_fingerprints(make_config):
     session = Session.open(make_config(train={"steps": 1}))
+    session.checkpoint()  # on demand before any step (a node asked to save right away)
     session.run()
+    assert Session.open(make_config(train={"steps": 1})).state.step == 1
     files = checkpoint.verified_files(session.run_dir / "checkpoints" / "step-00000001")
     assert {"adapter.safetensors", "optimizer.pt", "rng.safetensors", "host_rng.json", "state.json",
             "config.json", "fingerprints.json"} <= files.keys()
