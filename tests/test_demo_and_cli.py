@@ -14,7 +14,7 @@ from loraloom.training.metrics import read_metrics
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("demo")
-    demo.prepare(folder, images=8, steps=100, vae_steps=60)
+    demo.prepare(folder, images=8, steps=100, vae_steps=60, base_steps=150)
     return folder, demo.run(folder)
 
 
@@ -29,20 +29,28 @@ def test_demo_writes_its_results_and_learns(demo_run):
     assert steps == list(range(1, 101))
 
 
-def test_demo_lora_changes_the_samples(demo_run):
+def test_demo_lora_moves_the_samples_towards_the_training_data(demo_run):
     folder, _ = demo_run
     from loraloom.training.config import load_config
     from loraloom.training.session import Session
 
+    def mean_colour(image: Image.Image) -> np.ndarray:
+        return np.asarray(image.convert("RGB"), dtype=np.float64).mean(axis=(0, 1))
+
+    data = np.mean([mean_colour(Image.open(p)) for p in sorted((folder / "images").glob("*.png"))], axis=0)
     session = Session.open(load_config(folder / demo.CONFIG_NAME))  # resumes the finished run
     for seed in (0, 1):
-        base = np.asarray(session.sample(demo.PROMPT, seed, adapter=False), dtype=np.float64)
-        lora = np.asarray(session.sample(demo.PROMPT, seed, adapter=True), dtype=np.float64)
-        assert np.abs(base - lora).mean() > 5  # of 255: visibly different pictures from the same noise
+        base = session.sample(demo.PROMPT, seed, adapter=False)
+        lora = session.sample(demo.PROMPT, seed, adapter=True)
+        difference = np.abs(np.asarray(base, dtype=np.float64) - np.asarray(lora, dtype=np.float64)).mean()
+        assert difference > 5  # of 255: visibly different pictures from the same noise
+        # ...and different towards the data: the mean colour comes closer to the dataset's (red on yellow).
+        base_gap, lora_gap = (np.linalg.norm(mean_colour(im) - data) for im in (base, lora))
+        assert lora_gap < 0.9 * base_gap, (seed, base_gap, lora_gap)
 
 
 def test_cli_prepare_then_train_then_resume(tmp_path, capsys):
-    assert main(["demo", "--prepare", str(tmp_path), "--steps", "4"]) == 0
+    assert main(["demo", "--prepare", str(tmp_path), "--steps", "4", "--vae-steps", "5", "--base-steps", "5"]) == 0
     config = tmp_path / demo.CONFIG_NAME
     assert main(["train", str(config), "--set", "train.steps=2", "--set", "train.validate_every=0"]) == 0
     out = capsys.readouterr().out

@@ -61,10 +61,11 @@ def _config(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from . import demo
 
+    effort = {"vae_steps": args.vae_steps, "base_steps": args.base_steps}
     if args.prepare:
-        print(f"demo prepared: loraloom train {demo.prepare(args.prepare, steps=args.steps)}")
+        print(f"demo prepared: loraloom train {demo.prepare(args.prepare, steps=args.steps, **effort)}")
         return 0
-    result = demo.run(args.out, steps=args.steps)
+    result = demo.run(args.out, steps=args.steps, **effort)
     print(f"validation loss {result['val_loss_before']:.4f} -> {result['val_loss_after']:.4f}")
     print(f"prepared in {result['prepare_seconds']:.0f} s, trained in {result['train_seconds']:.0f} s")
     for key in ("comparison", "loss_chart", "adapter", "metrics"):
@@ -87,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train a tiny model on generated data and show the result")
     demo.add_argument("--prepare", type=Path, help="only write models, data and config into this folder")
     demo.add_argument("--out", type=Path, default=Path("loraloom-demo"), help="demo folder (default ./loraloom-demo)")
-    demo.add_argument("--steps", type=int, default=600)
+    demo.add_argument("--steps", type=int, default=600, help="LoRA training steps")
+    demo.add_argument("--vae-steps", type=int, default=300, help="steps fitting the tiny VAE to the pictures")
+    demo.add_argument("--base-steps", type=int, default=600, help="steps pre-training the tiny base model")
     demo.set_defaults(func=_demo)
     return parser
 

@@ -1,4 +1,4 @@
-"""The embedded demo: a tiny Flux-architecture model learns a red circle on yellow, on CPU, in minutes.
+"""The embedded demo: a LoRA on a tiny Flux-architecture model learns a red circle on yellow, on CPU.
 
 ``prepare`` writes everything a real run has (model files in the user layouts, an image folder with
 captions, a TOML config); ``run`` trains it through the same ``Session`` as any other config.
@@ -18,7 +18,7 @@ from PIL import Image
 from ..loaders.files import atomic_write_bytes
 from ..loaders.images import from_pil, save_png
 from .config import RunConfig, load_config, to_toml
-from .demo_data import fit_autoencoder, write_shapes_dataset
+from .demo_data import fit_autoencoder, pretrain_base, write_shapes_dataset
 from .families import flux
 from .metrics import read_metrics
 from .preview import loss_chart
@@ -27,6 +27,7 @@ from .tiny_models import TINY, build_flux, write_flux_files
 
 TRIGGER = "zwx"
 PROMPT = f"{TRIGGER}, a red circle on a yellow background"
+BASE_CAPTION = "a shape"  # the demo base's only caption: it learns shapes of every colour, no trigger
 CONFIG_NAME = "demo.toml"
 
 
@@ -48,18 +49,25 @@ def demo_config(steps: int = 600) -> RunConfig:
     )
 
 
-def prepare(folder: str | Path, images: int = 16, steps: int = 600, vae_steps: int = 300, seed: int = 0) -> Path:
+def prepare(folder: str | Path, images: int = 16, steps: int = 600, vae_steps: int = 300, base_steps: int = 600,
+            seed: int = 0) -> Path:
     """Write the demo's models, dataset and config into ``folder``; returns the config path."""
     folder = Path(folder)
+    cfg = demo_config(steps)
     paths = write_shapes_dataset(folder / "images", count=images, size=64, seed=seed, trigger=TRIGGER)
     parts = build_flux(TINY, seed=seed, extra_words=(TRIGGER, "disc"))
     # A random VAE decodes everything to noise: fit it as an autoencoder so pictures are legible.
     pictures = [Image.open(p).convert("RGB") for p in paths]
     fit_autoencoder(parts.vae, pictures, steps=vae_steps, seed=seed)
     match_flux_latent_scale(parts.vae, pictures)
+    encoders = flux.TextEncoders(parts.clip, parts.clip_tokenizer, parts.t5, parts.t5_tokenizer,
+                                 cfg.model.t5_max_length)
+    with torch.no_grad():
+        base_text = flux.encode_prompts(encoders, [BASE_CAPTION])
+    pretrain_base(parts.transformer, parts.vae, base_text, steps=base_steps, seed=seed)
     write_flux_files(parts, folder / "models", diffusers=False)
     config_path = folder / CONFIG_NAME
-    atomic_write_bytes(config_path, to_toml(demo_config(steps)).encode())
+    atomic_write_bytes(config_path, to_toml(cfg).encode())
     return config_path
 
 
