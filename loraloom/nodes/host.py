@@ -1,5 +1,5 @@
-"""Every call the nodes make into ComfyUI (routes.py holds the HTTP routes); every import is lazy, so the nodes' logic can be
-imported and tested without ComfyUI installed."""
+"""Every call the nodes make into ComfyUI (routes.py holds the HTTP routes). Every import is lazy, so the
+nodes' logic can be imported and tested without ComfyUI installed."""
 
 from __future__ import annotations
 
