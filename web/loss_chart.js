@@ -39,7 +39,7 @@ export function drawLossChart(canvas, { points, validation }) {
 
   const plot = { x: PAD.left, y: PAD.top, w: width - PAD.left - PAD.right, h: height - PAD.top - PAD.bottom };
   const lastStep = Math.max(...points.map((p) => p.step), ...validation.map((v) => v.step));
-  const xTicks = niceTicks(0, Math.max(lastStep, 1), 5);
+  const xTicks = niceTicks(0, Math.max(lastStep, 1), 5, 1);
   const losses = [...points.map((p) => p.loss), ...validation.map((v) => v.val_loss)].filter(Number.isFinite);
   const yTicks = niceTicks(Math.min(...losses), Math.max(...losses), 4);
   const lrMax = Math.max(0, ...points.map((p) => p.lr).filter(Number.isFinite));
@@ -68,15 +68,22 @@ export function drawLossChart(canvas, { points, validation }) {
   drawLegend(ctx, plot, points, validation, lrMax > 0);
 }
 
-/** About `count` round tick values covering [lo, hi]. */
-export function niceTicks(lo, hi, count) {
+/** About `count` round tick values covering [lo, hi], at least `minStep` apart. */
+export function niceTicks(lo, hi, count, minStep = 0) {
   if (!(hi > lo)) [lo, hi] = [lo - (Math.abs(lo) * 0.1 || 1), hi + (Math.abs(hi) * 0.1 || 1)];
-  const raw = (hi - lo) / count;
+  const raw = Math.max((hi - lo) / count, minStep);
   const magnitude = 10 ** Math.floor(Math.log10(raw));
-  const step = [1, 2, 2.5, 5, 10].map((m) => m * magnitude).find((s) => s >= raw);
+  const step = [1, 2, 5, 10].map((m) => m * magnitude).find((s) => s >= raw * 0.999);
   const ticks = [];
   for (let t = Math.floor(lo / step) * step; t < hi + step * 0.999; t += step) ticks.push(+t.toPrecision(12));
   return ticks;
+}
+
+/** Tick labels with as many decimals as the tick spacing needs, the same for every tick. */
+function tickFormatter(ticks) {
+  const step = ticks.length > 1 ? ticks[1] - ticks[0] : 1;
+  const decimals = Math.min(10, Math.max(0, Math.ceil(-Math.log10(step) - 1e-9)));
+  return (v) => v.toFixed(decimals);
 }
 
 /** Debiased exponential moving average; smooths more as the run gets longer. */
@@ -99,10 +106,11 @@ function drawGrid(ctx, plot, xTicks, yTicks, x, y) {
   ctx.fillStyle = COLORS.text;
   ctx.textAlign = "right";
   ctx.textBaseline = "middle";
+  const label = tickFormatter(yTicks);
   for (const t of yTicks) {
     const py = Math.round(y(t)) + 0.5;
     line(ctx, plot.x, py, plot.x + plot.w, py);
-    ctx.fillText(formatNumber(t), plot.x - 6, py);
+    ctx.fillText(label(t), plot.x - 6, py);
   }
   ctx.textAlign = "center";
   ctx.textBaseline = "top";
@@ -177,7 +185,7 @@ function withAlpha(hex, alpha) {
 function formatNumber(v) {
   if (v === 0) return "0";
   const a = Math.abs(v);
-  return a >= 1000 || a < 0.001 ? v.toExponential(1) : String(+v.toPrecision(3));
+  return a >= 1000 || a < 0.001 ? v.toExponential(1) : String(+v.toPrecision(4));
 }
 
 function formatLr(v) {
