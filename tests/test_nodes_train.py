@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from loraloom.nodes import host
 from loraloom.nodes.adapter import ExportAdapter, export_path
+from loraloom.nodes.encode import EncodePrompt
 from loraloom.nodes.images import LossGraph, SideBySide, from_image_batch, to_image_batch
 from loraloom.nodes.runs import LossHistory, TrainedRun
 from loraloom.nodes.settings import AdapterSettings, DatasetFolder, ModelForTraining, OptimizerSettings
@@ -96,7 +97,7 @@ def graph(comfy, tiny_files, shapes_folder):
 
 
 def train(graph, run_name: str, total_steps=4, steps_per_queue=2, **overrides):
-    settings = dict(batch_size=2, seed=42, guidance=1.0, timesteps="auto_shift", mixed_precision="fp32",
+    settings = dict(batch_size=2, training_seed=42, guidance=1.0, timesteps="auto_shift", mixed_precision="fp32",
                     gradient_checkpointing=False, checkpoint_every=0, validate_every=0, preview_every=0,
                     preview_prompt="", preview_steps=2, preview_guidance=1.0, unique_id="9")
     settings.update(overrides)
@@ -224,6 +225,14 @@ def test_export_node_writes_the_trained_adapter_into_the_loras_folder(comfy, gra
     exported = load_file(comfy.loras / "mine" / "zwx.safetensors")
     assert exported.keys() == lora.keys()
     assert all(torch.equal(exported[k], lora[k]) for k in lora)
+
+
+def test_encode_prompt_gives_flux_conditioning(graph):
+    (conditioning,) = EncodePrompt().encode(graph["model"], "zwx, a red circle", 3.5)
+    [[t5, extra]] = conditioning
+    assert t5.shape == (1, 16, 64) and extra["pooled_output"].shape == (1, 64) and extra["guidance"] == 3.5
+    (other,) = EncodePrompt().encode(graph["model"], "a blue square", 3.5)
+    assert not torch.equal(other[0][0], t5)
 
 
 def test_loss_graph_and_side_by_side_make_images():

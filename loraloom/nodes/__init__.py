@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from .adapter import ApplyTrainedAdapter, ExportAdapter
+from .encode import EncodePrompt
 from .images import LossGraph, SideBySide
 from .settings import AdapterSettings, DatasetFolder, ModelForTraining, OptimizerSettings
 from .train import TrainSteps
@@ -17,6 +18,7 @@ NODES = {
     "LoraLoomTrainSteps": (TrainSteps, "Train steps"),
     "LoraLoomExportAdapter": (ExportAdapter, "Export adapter to loras"),
     "LoraLoomApplyAdapter": (ApplyTrainedAdapter, "Apply trained adapter"),
+    "LoraLoomEncodePrompt": (EncodePrompt, "Encode prompt (engine encoders)"),
     "LoraLoomLossGraph": (LossGraph, "Loss graph"),
     "LoraLoomSideBySide": (SideBySide, "Side by side"),
 }

@@ -107,7 +107,9 @@ class TrainSteps:
             "steps_per_queue": ("INT", {"default": 100, "min": 1, "max": 10_000_000, "tooltip":
                                         "Steps trained each time the prompt is queued."}),
             "batch_size": widget(TrainConfig, "batch_size", min=1, max=1024),
-            "seed": widget(TrainConfig, "seed", min=0, max=2**31 - 1),
+            # Not 'seed': the front end gives an input of that name a randomize-after-queue control, and a
+            # changed seed cannot continue a run.
+            "training_seed": widget(TrainConfig, "seed", min=0, max=2**31 - 1),
             "guidance": widget(TrainConfig, "guidance", min=0.0, max=100.0),
             "timesteps": widget(TrainConfig, "timesteps"),
             "mixed_precision": widget(TrainConfig, "mixed_precision"),
@@ -126,17 +128,17 @@ class TrainSteps:
         return float("nan")  # NaN never equals itself: every queue item trains, never a cached result
 
     def train(self, model: ModelConfig, dataset: DataConfig, adapter: AdapterConfig, optimizer: OptimizerConfig,
-              run_name: str, total_steps: int, steps_per_queue: int, batch_size: int, seed: int, guidance: float,
-              timesteps: str, mixed_precision: str, gradient_checkpointing: bool, checkpoint_every: int,
-              validate_every: int, preview_every: int, preview_prompt: str, preview_steps: int,
+              run_name: str, total_steps: int, steps_per_queue: int, batch_size: int, training_seed: int,
+              guidance: float, timesteps: str, mixed_precision: str, gradient_checkpointing: bool,
+              checkpoint_every: int, validate_every: int, preview_every: int, preview_prompt: str, preview_steps: int,
               preview_guidance: float, unique_id: str = ""):
         output_dir = host.output_dir()
-        train = TrainConfig(steps=total_steps, batch_size=batch_size, seed=seed, guidance=guidance,
+        train = TrainConfig(steps=total_steps, batch_size=batch_size, seed=training_seed, guidance=guidance,
                             timesteps=timesteps, mixed_precision=mixed_precision,
                             gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every,
                             validate_every=validate_every)
         prompts = (preview_prompt.strip(),) if preview_prompt.strip() else ()
-        sample = SampleConfig(prompts=prompts, seeds=(seed,), steps=preview_steps, guidance=preview_guidance)
+        sample = SampleConfig(prompts=prompts, seeds=(training_seed,), steps=preview_steps, guidance=preview_guidance)
         cfg = run_config(output_dir, run_name, model, dataset, adapter, optimizer, train, sample)
         report = ProgressReport(str(unique_id), run_name, total_steps, output_dir, partial(host.send_progress, EVENT))
         return execute(cfg, Schedule(steps_per_queue, preview_every), report,
