@@ -227,6 +227,27 @@ def test_export_node_writes_the_trained_adapter_into_the_loras_folder(comfy, gra
     assert all(torch.equal(exported[k], lora[k]) for k in lora)
 
 
+def test_a_worker_process_trains_the_same_steps(comfy, graph):
+    _, lora, _ = train(graph, "in-process", total_steps=2, steps_per_queue=2)
+    run, worker_lora, history = train(graph, "in-worker", total_steps=2, steps_per_queue=2, worker_process=True)
+    assert run.step == 2 and history.steps == (1, 2) and (run.run_dir / "worker.log").is_file()
+    for key, value in lora.items():
+        torch.testing.assert_close(worker_lora[key], value, rtol=0, atol=0, msg=key)
+    streamed = [p for p in comfy.payloads() if p["run"] == "in-worker"]
+    assert [pt["step"] for p in streamed for pt in p["points"]] == [1, 2] and streamed[-1]["state"] == "done"
+    assert comfy.bars[-1].values[-1] == 2
+
+
+def test_cancel_stops_a_worker_process_at_a_checkpoint(comfy, graph):
+    comfy.cancel_after = 1
+    with pytest.raises(Interrupted):
+        train(graph, "worker-cancelled", total_steps=50, steps_per_queue=50, worker_process=True)
+    cancelled = comfy.payloads()[-1]
+    assert cancelled["state"] == "cancelled" and 1 <= cancelled["step"] < 50
+    run_dir = comfy.output / "loraloom" / "runs" / "worker-cancelled"
+    assert (run_dir / "checkpoints" / f"step-{cancelled['step']:08d}").is_dir()
+
+
 def test_encode_prompt_gives_flux_conditioning(graph):
     (conditioning,) = EncodePrompt().encode(graph["model"], "zwx, a red circle", 3.5)
     [[t5, extra]] = conditioning

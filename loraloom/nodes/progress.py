@@ -33,6 +33,11 @@ class ProgressReport:
         """Report a state change: loading, training, saving, done, cancelled or error."""
         self._send(state, message=message)
 
+    def forward(self, payload: Payload) -> None:
+        """Pass on a payload made by a worker process's report."""
+        self.step, self.last_state = payload["step"], payload["state"]
+        self.send(payload)
+
     def on_engine_event(self, event: dict[str, Any]) -> None:
         """The Session's ``on_event`` callback."""
         kind = event.get("type")

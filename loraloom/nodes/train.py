@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -52,10 +53,12 @@ def run_config(output_dir: Path, name: str, model: ModelConfig, dataset: DataCon
     return config_from_dict(cfg.to_dict())
 
 
-def advance(session: Session, schedule: Schedule, report: ProgressReport, bar) -> None:
+def advance(session: Session, schedule: Schedule, report: ProgressReport, on_step: Callable[[int], None],
+            stop_requested: Callable[[], bool]) -> bool:
     """Train ``schedule.steps`` steps (fewer at the end of the run), then leave a checkpoint of the last one.
 
-    Between steps, a pressed Cancel checkpoints the run and raises ComfyUI's interruption.
+    ``stop_requested`` is asked between steps; when it says yes, the run is checkpointed where it is and
+    True is returned (Cancel).
     """
     target = min(session.state.step + schedule.steps, session.cfg.train.steps)
     if session.done:
@@ -63,24 +66,40 @@ def advance(session: Session, schedule: Schedule, report: ProgressReport, bar) -
                    "Raise total_steps to continue it, or use a new run name.")
         log.warning(message)
         report.state("done", message)
-        return
+        return False
     report.state("training", f"steps {session.state.step + 1}-{target} of {session.cfg.train.steps}")
     while session.state.step < target:
         session.step(1)
         if schedule.preview_every and session.state.step % schedule.preview_every == 0 and session.cfg.sample.prompts:
             session.preview()
-        if host.interrupted():
+        if stop_requested():
             _save(session, report)
             report.state("cancelled", f"cancelled at step {session.state.step}; queue again to continue")
-            host.raise_if_interrupted()
-        bar.update_absolute(session.state.step)
+            return True
+        on_step(session.state.step)
     _save(session, report)
+    return False
 
 
 def _save(session: Session, report: ProgressReport) -> None:
     if report.saved_step != session.state.step:
         report.state("saving")
         session.checkpoint()
+
+
+def train_chunk(cfg: RunConfig, schedule: Schedule, report: ProgressReport, on_step: Callable[[int], None],
+                stop_requested: Callable[[], bool]) -> tuple[int, Path] | None:
+    """Open the run, advance it, export its adapter: (step, adapter file), or None when cancelled.
+
+    The one training path of both the in-process node and the worker process.
+    """
+    # ComfyUI runs nodes under inference_mode; training needs autograd back.
+    with torch.inference_mode(False), torch.enable_grad():
+        session = Session.open(cfg, on_event=report.on_engine_event)
+        on_step(session.state.step)
+        if advance(session, schedule, report, on_step, stop_requested):
+            return None
+        return session.state.step, session.export()
 
 
 class TrainSteps:
@@ -121,6 +140,9 @@ class TrainSteps:
             "preview_prompt": ("STRING", {"default": "", "multiline": True, "tooltip": "Prompt of the previews."}),
             "preview_steps": widget(SampleConfig, "steps", min=1, max=200),
             "preview_guidance": widget(SampleConfig, "guidance", min=0.0, max=100.0),
+            "worker_process": ("BOOLEAN", {"default": False, "tooltip": "Train in a separate Python process "
+                                           "(same engine, progress streamed back): a crash there cannot take "
+                                           "ComfyUI down. Its log is worker.log in the run folder."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
@@ -131,7 +153,7 @@ class TrainSteps:
               run_name: str, total_steps: int, steps_per_queue: int, batch_size: int, training_seed: int,
               guidance: float, timesteps: str, mixed_precision: str, gradient_checkpointing: bool,
               checkpoint_every: int, validate_every: int, preview_every: int, preview_prompt: str, preview_steps: int,
-              preview_guidance: float, unique_id: str = ""):
+              preview_guidance: float, worker_process: bool = False, unique_id: str = ""):
         output_dir = host.output_dir()
         train = TrainConfig(steps=total_steps, batch_size=batch_size, seed=training_seed, guidance=guidance,
                             timesteps=timesteps, mixed_precision=mixed_precision,
@@ -142,27 +164,32 @@ class TrainSteps:
         cfg = run_config(output_dir, run_name, model, dataset, adapter, optimizer, train, sample)
         report = ProgressReport(str(unique_id), run_name, total_steps, output_dir, partial(host.send_progress, EVENT))
         return execute(cfg, Schedule(steps_per_queue, preview_every), report,
-                       host.progress_bar(total_steps, str(unique_id)))
+                       host.progress_bar(total_steps, str(unique_id)), in_worker=worker_process)
 
 
-def execute(cfg: RunConfig, schedule: Schedule, report: ProgressReport, bar):
-    """Open the run, advance it, export the adapter; the Train steps node's outputs."""
+def execute(cfg: RunConfig, schedule: Schedule, report: ProgressReport, bar, in_worker: bool = False):
+    """Train a chunk of the run, in this process or in a worker; the Train steps node's outputs."""
     report.state("loading")
     host.free_models()
     try:
-        # ComfyUI runs nodes under inference_mode; training needs autograd back.
-        with torch.inference_mode(False), torch.enable_grad():
-            session = Session.open(cfg, on_event=report.on_engine_event)
-            bar.update_absolute(session.state.step)
-            advance(session, schedule, report, bar)
-            adapter_file = session.export()
+        if in_worker:
+            from .worker import train_in_worker
+
+            done = train_in_worker(cfg, schedule, report, bar.update_absolute, host.interrupted)
+        else:
+            done = train_chunk(cfg, schedule, report, bar.update_absolute, host.interrupted)
+        if done is None:  # Cancel was pressed and the run checkpointed: end the prompt as ComfyUI does
+            host.raise_if_interrupted()
+            raise RuntimeError(f"run {report.run!r} stopped at a checkpoint on request")
     except Exception as e:
         if report.last_state != "cancelled":
             report.state("error", str(e))
         raise
-    run = TrainedRun(report.run, session.run_dir, session.state.step, cfg.train.steps, adapter_file)
-    history = LossHistory.from_records(read_metrics(session.run_dir))
+    step, adapter_file = done
+    run_folder = Path(cfg.output.run_dir)
+    run = TrainedRun(report.run, run_folder, step, cfg.train.steps, adapter_file)
+    history = LossHistory.from_records(read_metrics(run_folder))
     if report.last_state != "done":
-        report.state("done", f"step {run.step} of {run.total_steps}" +
-                     ("" if session.done else "; queue again to continue"))
+        report.state("done", f"step {step} of {cfg.train.steps}" +
+                     ("" if step >= cfg.train.steps else "; queue again to continue"))
     return run, read_safetensors([adapter_file], what="the exported adapter"), history
