@@ -3,13 +3,14 @@
 The example workflows' API forms are POSTed with their file widgets pointed at tiny real-width Flux files (1 + 1
 blocks; ComfyUI's stock loaders only detect real widths) at 64 px. Proven here: the Flux example trains,
 exports into the first ``loras`` folder, the stock LoraLoaderModelOnly lists and loads the file with every key,
-images with and without the adapter differ; progress events arrive over the websocket; the queued example
-continues its run on each re-queue, Cancel (``POST /interrupt``) leaves a checkpoint and the next queue item
-continues from it; the metrics route serves the run and nothing outside it; the UI forms in
-``example_workflows/`` are what the API forms generate (``LORALOOM_WRITE_EXAMPLES=1`` rewrites them).
+the Apply node patches exactly as the stock loader does, images with and without the adapter differ; progress
+events arrive over the websocket; the queued example continues its run on each re-queue (the first chunk in a
+worker process), Cancel (``POST /interrupt``) leaves a checkpoint and the next queue item continues from it;
+the metrics route serves the run and nothing outside it; the UI forms in ``example_workflows/`` are what the
+API forms generate (``LORALOOM_WRITE_EXAMPLES=1`` rewrites them).
 
 Runs when COMFYUI_PATH points at a ComfyUI checkout (COMFYUI_PYTHON: the interpreter of its environment,
-default this one); skips otherwise. About 3-5 minutes on 2 CPU cores.
+default this one); skips otherwise. About 3 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -284,7 +285,12 @@ def test_queued_example_continues_and_cancel_keeps_a_checkpoint(comfy):
     prompt = point_at_tiny_models(example("queued_training_with_previews"), comfy.tokenizers,
                                   total_steps=2, steps_per_queue=1, preview_every=2)
     train_id = node_of(prompt, "LoraLoomTrainSteps")
+    prompt[train_id]["inputs"]["worker_process"] = True  # the first chunk in a worker process, the rest in ComfyUI
+    since = len(comfy.messages)
     assert_succeeded(comfy.wait(comfy.queue(prompt)), comfy)
+    assert [p["step"] for e in comfy.progress(since, run=run) for p in e["points"]] == [1]
+    assert (run_dir / "worker.log").is_file()
+    prompt[train_id]["inputs"]["worker_process"] = False
     since = len(comfy.messages)
     entry = comfy.wait(comfy.queue(prompt))
     assert_succeeded(entry, comfy)
