@@ -39,11 +39,12 @@ export function drawLossChart(canvas, { points, validation }) {
 
   const plot = { x: PAD.left, y: PAD.top, w: width - PAD.left - PAD.right, h: height - PAD.top - PAD.bottom };
   const lastStep = Math.max(...points.map((p) => p.step), ...validation.map((v) => v.step));
-  const xTicks = niceTicks(0, Math.max(lastStep, 1), 5, 1);
+  const xEnd = Math.max(lastStep, 1);
+  const xTicks = niceTicks(0, xEnd, 5, 1).filter((t) => t <= xEnd);
   const losses = [...points.map((p) => p.loss), ...validation.map((v) => v.val_loss)].filter(Number.isFinite);
-  const yTicks = niceTicks(Math.min(...losses), Math.max(...losses), 4);
+  const yTicks = losses.length ? niceTicks(Math.min(...losses), Math.max(...losses), 4) : [0, 1]; // all NaN: axes only
   const lrMax = Math.max(0, ...points.map((p) => p.lr).filter(Number.isFinite));
-  const x = scale(xTicks[0], xTicks.at(-1), plot.x, plot.x + plot.w);
+  const x = scale(0, xEnd, plot.x, plot.x + plot.w);
   const y = scale(yTicks[0], yTicks.at(-1), plot.y + plot.h, plot.y);
   const yLr = scale(0, lrMax * 1.1 || 1, plot.y + plot.h, plot.y);
 
