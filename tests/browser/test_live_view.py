@@ -5,7 +5,7 @@ tests' ``comfy`` fixture), opens the UI in headless Chromium (Debian's ``chromiu
 driven by Selenium), loads each example workflow (the Flux one first), sets its widgets as the host test does
 for a CPU, queues it, and checks what a person would see: the chart draws while the run is live, validation
 points and the preview picture appear, and a page reload redraws the chart from the run's metrics.
-Screenshots are kept in ``build/browser-test/`` (``LORALOOM_BROWSER_STEPS=40`` trains longer, for the README).
+Screenshots are kept in ``build/browser-test/``; ``LORALOOM_BROWSER_STEPS=12`` made the README's.
 
 Runs when COMFYUI_PATH points at a ComfyUI checkout (COMFYUI_PYTHON: the interpreter of its environment,
 default this one) and Chromium is installed; skips otherwise.
