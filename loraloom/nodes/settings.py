@@ -90,7 +90,7 @@ class DatasetFolder:
                               "ComfyUI's input folder")
         index = index_folder(path, caption_extension, trigger)
         captions = [f"{s.path.name}: {s.caption}" for s in index.samples[: self.PREVIEW_CAPTIONS]]
-        summary = f"{len(index.samples)} images, {len(index.skipped)} skipped"
+        summary = f"{len(index.samples)} images, {sum(index.skipped.values())} skipped"
         data = DataConfig(images=str(path), caption_extension=caption_extension, resolution=resolution,
                           trigger=trigger, validation_images=validation_images)
         return data, "\n".join([summary, *captions])
