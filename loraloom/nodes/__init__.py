@@ -1,0 +1,26 @@
+"""ComfyUI nodes of LoRA Loom. Importing this imports no ComfyUI module; the nodes reach the host through
+:mod:`.host` when they run."""
+
+from __future__ import annotations
+
+from .adapter import ApplyTrainedAdapter, ExportAdapter
+from .encode import EncodePrompt
+from .images import LossGraph, SideBySide
+from .settings import AdapterSettings, DatasetFolder, ModelForTraining, OptimizerSettings
+from .train import TrainSteps
+
+# id -> (class, display name). Ids carry the LoraLoom prefix: ComfyUI silently drops a node whose id clashes.
+NODES = {
+    "LoraLoomModel": (ModelForTraining, "Model for training"),
+    "LoraLoomDatasetFolder": (DatasetFolder, "Dataset (folder)"),
+    "LoraLoomAdapter": (AdapterSettings, "Adapter settings (LoRA)"),
+    "LoraLoomOptimizer": (OptimizerSettings, "Optimizer settings"),
+    "LoraLoomTrainSteps": (TrainSteps, "Train steps"),
+    "LoraLoomExportAdapter": (ExportAdapter, "Export adapter to loras"),
+    "LoraLoomApplyAdapter": (ApplyTrainedAdapter, "Apply trained adapter"),
+    "LoraLoomEncodePrompt": (EncodePrompt, "Encode prompt (engine encoders)"),
+    "LoraLoomLossGraph": (LossGraph, "Loss graph"),
+    "LoraLoomSideBySide": (SideBySide, "Side by side"),
+}
+NODE_CLASS_MAPPINGS = {node_id: cls for node_id, (cls, _) in NODES.items()}
+NODE_DISPLAY_NAME_MAPPINGS = {node_id: f"LoRA Loom: {name}" for node_id, (_, name) in NODES.items()}

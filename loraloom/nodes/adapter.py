@@ -1,0 +1,82 @@
+"""Use what was trained: export it for the stock LoraLoader, or patch a MODEL with it directly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..loaders.files import atomic_write_bytes
+from . import host
+from .runs import TrainedRun
+from .widgets import CATEGORY
+
+SUFFIX = ".safetensors"
+
+
+def export_path(folder: Path, name: str, overwrite: bool) -> Path:
+    """Where to write adapter ``name`` in ``folder``: the name itself, or with the first free ``_NNN`` suffix
+    when the file exists and ``overwrite`` is off. Subfolders are allowed; leaving ``folder`` is not."""
+    stem = name.removesuffix(SUFFIX).strip()
+    parts = Path(stem).parts
+    if not stem or Path(stem).is_absolute() or ".." in parts or any(p.startswith(".") for p in parts):
+        raise ValueError(f"adapter name {name!r} must be a relative file name inside the loras folder "
+                         "(no '..', no leading dot)")
+    path = folder / f"{stem}{SUFFIX}"
+    counter = 1
+    while path.exists() and not overwrite:
+        path = folder / f"{stem}_{counter:03d}{SUFFIX}"
+        counter += 1
+    return path
+
+
+def export_run(run: TrainedRun, folder: Path, name: str, overwrite: bool) -> Path:
+    path = export_path(folder, name, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, run.adapter_file.read_bytes())
+    return path
+
+
+class ExportAdapter:
+    DESCRIPTION = ("Write the run's adapter into the first 'loras' folder, with its training metadata, so the "
+                   "stock LoraLoader lists it at once. An existing file is kept unless overwrite is on.")
+    CATEGORY = f"{CATEGORY}/adapter"
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("lora_name",)
+    OUTPUT_TOOLTIPS = ("The file's name as the loras list shows it.",)
+    FUNCTION = "export"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "run": ("LORALOOM_RUN",),
+            "name": ("STRING", {"default": "loraloom/my-lora", "tooltip": "File name in the loras folder "
+                                "(subfolders allowed, .safetensors added)."}),
+            "overwrite": ("BOOLEAN", {"default": False}),
+        }}
+
+    def export(self, run: TrainedRun, name: str, overwrite: bool):
+        folder = host.first_folder("loras")
+        path = export_run(run, folder, name, overwrite)
+        lora_name = path.relative_to(folder).as_posix()
+        return {"ui": {"text": [lora_name]}, "result": (lora_name,)}
+
+
+class ApplyTrainedAdapter:
+    DESCRIPTION = ("Patch a MODEL from the stock loaders with the run's adapter through ComfyUI's own LoRA "
+                   "patching: train on Flux-dev2pro, apply to Flux-dev.")
+    CATEGORY = f"{CATEGORY}/adapter"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL",),
+            "run": ("LORALOOM_RUN",),
+            "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}),
+        }}
+
+    def apply(self, model, run: TrainedRun, strength: float):
+        return (host.apply_lora(model, run.adapter_file, strength),)
+
+

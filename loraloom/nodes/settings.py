@@ -1,0 +1,141 @@
+"""Nodes that describe a run: the base model, the data, the adapter and the optimizer.
+
+Each returns one of the engine's frozen config sections; the Train steps node puts them together.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..loaders.images import index_folder
+from ..training.config import AdapterConfig, ConfigError, DataConfig, ModelConfig, OptimizerConfig
+from . import host
+from .widgets import CATEGORY, widget
+
+PRECISIONS = ["auto", "bf16", "fp8", "fp32"]  # 'auto' keeps an fp8 file in fp8
+
+
+class ModelForTraining:
+    """The base model files, picked from ComfyUI's model folders by name."""
+
+    DESCRIPTION = ("The base to train on, from ComfyUI's models folders. For Flux train on a de-distilled base "
+                   "(Flux-dev2pro) at guidance 1.0 and apply the result to Flux-dev.")
+    CATEGORY = f"{CATEGORY}/setup"
+    RETURN_TYPES = ("LORALOOM_MODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        encoders = host.model_names("text_encoders")
+        return {"required": {
+            "family": (["flux"], {"tooltip": _doc("family")}),
+            "transformer": (host.model_names("diffusion_models"), {"tooltip": _doc("transformer")}),
+            "clip_l": (encoders, {"tooltip": _doc("text_encoder")}),
+            "t5": (encoders, {"tooltip": _doc("text_encoder_2")}),
+            "vae": (host.model_names("vae"), {"tooltip": _doc("vae")}),
+            "precision": widget(ModelConfig, "base_precision"),
+            "guidance_distilled": widget(ModelConfig, "guidance_distilled"),
+            "t5_max_length": widget(ModelConfig, "t5_max_length", min=16, max=512),
+        }, "optional": {
+            "clip_tokenizer": ("STRING", {"default": "", "tooltip": "CLIP tokenizer folder; empty: the one "
+                                          "that ships with ComfyUI (comfy/sd1_tokenizer)."}),
+            "t5_tokenizer": ("STRING", {"default": "", "tooltip": "T5 tokenizer folder; empty: the one that "
+                                        "ships with ComfyUI (comfy/text_encoders/t5_tokenizer)."}),
+        }}
+
+    def build(self, family: str, transformer: str, clip_l: str, t5: str, vae: str, precision: str,
+              guidance_distilled: bool, t5_max_length: int, clip_tokenizer: str = "", t5_tokenizer: str = ""
+              ) -> tuple[ModelConfig]:
+        return (ModelConfig(
+            family=family, transformer=str(host.model_path("diffusion_models", transformer)),
+            text_encoder=str(host.model_path("text_encoders", clip_l)),
+            text_encoder_2=str(host.model_path("text_encoders", t5)), vae=str(host.model_path("vae", vae)),
+            tokenizer=clip_tokenizer or str(host.bundled_tokenizer("clip")),
+            tokenizer_2=t5_tokenizer or str(host.bundled_tokenizer("t5")),
+            base_precision=precision, guidance_distilled=guidance_distilled, t5_max_length=t5_max_length),)
+
+
+def _doc(name: str) -> str:
+    return widget(ModelConfig, name)[1]["tooltip"]
+
+
+class DatasetFolder:
+    """A folder of images with a caption file beside each; shows a few captions as the model will read them."""
+
+    DESCRIPTION = "Images with caption files beside them. A relative folder is looked up in ComfyUI's input folder."
+    CATEGORY = f"{CATEGORY}/data"
+    RETURN_TYPES = ("LORALOOM_DATASET", "STRING")
+    RETURN_NAMES = ("dataset", "caption_preview")
+    FUNCTION = "build"
+    PREVIEW_CAPTIONS = 5
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "folder": widget(DataConfig, "images"),
+            "caption_extension": widget(DataConfig, "caption_extension"),
+            "trigger": widget(DataConfig, "trigger"),
+            "resolution": widget(DataConfig, "resolution", min=16, max=4096, step=16),
+            "validation_images": widget(DataConfig, "validation_images", min=0, max=10000),
+        }}
+
+    def build(self, folder: str, caption_extension: str, trigger: str, resolution: int, validation_images: int
+              ) -> tuple[DataConfig, str]:
+        path = Path(folder).expanduser()
+        if not path.is_absolute():
+            path = host.input_dir() / path
+        if not path.is_dir():
+            raise ConfigError(f"dataset folder {path} does not exist: give an absolute path, or a folder inside "
+                              "ComfyUI's input folder")
+        index = index_folder(path, caption_extension, trigger)
+        captions = [f"{s.path.name}: {s.caption}" for s in index.samples[: self.PREVIEW_CAPTIONS]]
+        summary = f"{len(index.samples)} images, {sum(index.skipped.values())} skipped"
+        data = DataConfig(images=str(path), caption_extension=caption_extension, resolution=resolution,
+                          trigger=trigger, validation_images=validation_images)
+        return data, "\n".join([summary, *captions])
+
+
+class AdapterSettings:
+    DESCRIPTION = "The LoRA being trained: rank, alpha and which layers get one."
+    CATEGORY = f"{CATEGORY}/setup"
+    RETURN_TYPES = ("LORALOOM_ADAPTER",)
+    RETURN_NAMES = ("adapter",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "rank": widget(AdapterConfig, "rank", min=1, max=1024),
+            "alpha": widget(AdapterConfig, "alpha", min=0.01, max=4096.0),
+            "dropout": widget(AdapterConfig, "dropout", min=0.0, max=0.99),
+            "targets": widget(AdapterConfig, "targets"),
+            "init_seed": widget(AdapterConfig, "init_seed", min=0, max=2**31 - 1),
+        }}
+
+    def build(self, rank: int, alpha: float, dropout: float, targets: str, init_seed: int
+              ) -> tuple[AdapterConfig]:
+        return (AdapterConfig(rank=rank, alpha=alpha, dropout=dropout, targets=targets, init_seed=init_seed),)
+
+
+class OptimizerSettings:
+    DESCRIPTION = "Optimizer and learning-rate schedule."
+    CATEGORY = f"{CATEGORY}/setup"
+    RETURN_TYPES = ("LORALOOM_OPTIMIZER",)
+    RETURN_NAMES = ("optimizer",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "optimizer": widget(OptimizerConfig, "name"),
+            "lr": widget(OptimizerConfig, "lr", min=1e-8, max=1.0, step=1e-6, round=False),
+            "scheduler": widget(OptimizerConfig, "scheduler"),
+            "warmup_steps": widget(OptimizerConfig, "warmup_steps", min=0, max=1_000_000),
+            "weight_decay": widget(OptimizerConfig, "weight_decay", min=0.0, max=1.0, step=0.001),
+        }}
+
+    def build(self, optimizer: str, lr: float, scheduler: str, warmup_steps: int, weight_decay: float
+              ) -> tuple[OptimizerConfig]:
+        return (OptimizerConfig(name=optimizer, lr=lr, scheduler=scheduler, warmup_steps=warmup_steps,
+                                weight_decay=weight_decay),)

@@ -1,0 +1,116 @@
+"""Train in a separate Python process: the same :func:`~.train.train_chunk`, its progress streamed back.
+
+A crash (out of memory, a native library's abort) ends the worker, not ComfyUI. The parent writes one JSON job
+to the worker's stdin; the worker answers with JSON lines on stdout (``{"progress": payload}``, then
+``{"result": ...}`` or ``{"cancelled": step}``) and logs to ``worker.log`` in the run folder. SIGTERM asks it to
+stop at the next step boundary, with a checkpoint.
+
+Run as ``python -m loraloom.nodes.worker`` with the pack's root on ``PYTHONPATH``; it imports no ComfyUI module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..training.config import RunConfig, config_from_dict
+from .progress import ProgressReport
+
+PACK_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds the loraloom package
+LOG_FILE = "worker.log"
+POLL_SECONDS = 0.25
+
+
+def train_in_worker(cfg: RunConfig, schedule, report: ProgressReport, on_step: Callable[[int], None],
+                    stop_requested: Callable[[], bool]) -> tuple[int, Path] | None:
+    """:func:`~.train.train_chunk` in a child process; same arguments, same result."""
+    run_dir = Path(cfg.output.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    job = {"config": cfg.to_dict(), "steps": schedule.steps, "preview_every": schedule.preview_every,
+           "node": report.node, "run": report.run, "output_dir": str(report.output_dir)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACK_ROOT), os.environ.get("PYTHONPATH", "")])}
+    with open(run_dir / LOG_FILE, "a", encoding="utf-8") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "loraloom.nodes.worker"], cwd=PACK_ROOT, env=env,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+        worker.stdin.write(json.dumps(job))
+        worker.stdin.close()
+        answer, stopped = _relay(worker, report, on_step, stop_requested)
+    if "cancelled" in answer or (stopped and not answer):  # stopped before its first step: nothing to save
+        return None
+    if worker.returncode != 0 or not answer:
+        tail = (run_dir / LOG_FILE).read_text(encoding="utf-8", errors="replace")[-2000:]
+        raise RuntimeError(f"the training worker exited with code {worker.returncode}; "
+                           f"its log ({run_dir / LOG_FILE}) ends with:\n{tail}")
+    return answer["result"]["step"], Path(answer["result"]["adapter_file"])
+
+
+def _relay(worker: subprocess.Popen, report: ProgressReport, on_step: Callable[[int], None],
+           stop_requested: Callable[[], bool]) -> tuple[dict[str, Any], bool]:
+    """Forward the worker's progress until it exits, asking it to stop when ``stop_requested``.
+
+    Returns its last answer and whether it was asked to stop."""
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=_read_lines, args=(worker.stdout, lines), daemon=True).start()
+    answer: dict[str, Any] = {}
+    stopping = False
+    while True:
+        try:
+            line = lines.get(timeout=POLL_SECONDS)
+        except queue.Empty:
+            if not stopping and stop_requested():
+                worker.send_signal(signal.SIGTERM)
+                stopping = True
+            continue
+        if line is None:
+            break
+        message = json.loads(line)
+        if "progress" in message:
+            report.forward(message["progress"])
+            if message["progress"]["state"] == "training":
+                on_step(message["progress"]["step"])
+        else:
+            answer = message
+    worker.wait()
+    return answer, stopping
+
+
+def _read_lines(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def main() -> int:
+    from .train import Schedule, train_chunk
+
+    protocol = sys.stdout
+    sys.stdout = sys.stderr  # anything else the libraries print goes to the log, not into the protocol
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def send(message: dict[str, Any]) -> None:
+        protocol.write(json.dumps(message) + "\n")
+        protocol.flush()
+
+    job = json.loads(sys.stdin.read())
+    cfg = config_from_dict(job["config"])
+    report = ProgressReport(job["node"], job["run"], cfg.train.steps, job["output_dir"],
+                            lambda payload: send({"progress": payload}))
+    done = train_chunk(cfg, Schedule(job["steps"], job["preview_every"]), report, lambda step: None, stop.is_set)
+    if done is None:
+        send({"cancelled": report.step})
+    else:
+        send({"result": {"step": done[0], "adapter_file": str(done[1])}})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

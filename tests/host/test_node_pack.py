@@ -1,0 +1,338 @@
+"""Host test: the node pack inside a real ComfyUI (headless, CPU), driven over its HTTP and websocket API.
+
+The example workflows' API forms are POSTed with their file widgets pointed at tiny real-width Flux files (1 + 1
+blocks; ComfyUI's stock loaders only detect real widths) at 64 px. Proven here: the Flux example trains,
+exports into the first ``loras`` folder, the stock LoraLoaderModelOnly lists and loads the file with every key,
+the Apply node patches exactly as the stock loader does, images with and without the adapter differ; progress
+events arrive over the websocket; the queued example continues its run on each re-queue (the first chunk in a
+worker process), Cancel (``POST /interrupt``) leaves a checkpoint and the next queue item continues from it;
+the metrics route serves the run and nothing outside it; the UI forms in ``example_workflows/`` are what the
+API forms generate (``LORALOOM_WRITE_EXAMPLES=1`` rewrites them).
+
+Runs when COMFYUI_PATH points at a ComfyUI checkout (COMFYUI_PYTHON: the interpreter of its environment,
+default this one); skips otherwise. About 3 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="COMFYUI_PATH not set: no ComfyUI checkout to test against")
+websocket = pytest.importorskip("websocket", reason="websocket-client not installed")
+
+import torch  # noqa: E402
+from diffusers import AutoencoderKL  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from loraloom.loaders.files import atomic_save_safetensors  # noqa: E402
+from loraloom.training.demo_data import write_shapes_dataset  # noqa: E402
+from loraloom.training.families.flux_layout import transformer_to_bfl, vae_to_ldm  # noqa: E402
+from loraloom.training.tiny_models import REAL_WIDTH, build_flux, write_flux_files  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from workflow_forms import ui_from_api  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "example_workflows"
+LAUNCHER = REPO / "tests" / "browser" / "run_comfyui.py"  # main.py with torchvision stubbed when absent
+
+
+def write_models(base: Path) -> dict[str, str]:
+    """Real-width Flux files in ComfyUI's model folders: 'dev2pro' to train on, 'dev' to apply to, a VAE in
+    the layout ComfyUI's VAELoader expects. Returns the tokenizer folders the engine needs."""
+    models, stage = base / "models", base / "stage"
+    files = write_flux_files(build_flux(REAL_WIDTH, seed=1, extra_words=("zwx",)), stage, diffusers=False)
+    for role, folder, name in (("transformer", "diffusion_models", "flux1-dev2pro-tiny.safetensors"),
+                               ("text_encoder", "text_encoders", "clip_l-tiny.safetensors"),
+                               ("text_encoder_2", "text_encoders", "t5xxl-tiny.safetensors")):
+        (models / folder).mkdir(parents=True, exist_ok=True)
+        (models / folder / name).symlink_to(files[role])
+    dev = build_flux(REAL_WIDTH, seed=2).transformer.state_dict()
+    atomic_save_safetensors({k: v.to(torch.bfloat16) for k, v in transformer_to_bfl(dev).items()},
+                            models / "diffusion_models" / "flux1-dev-tiny.safetensors")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        vae = AutoencoderKL(latent_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False)
+    (models / "vae").mkdir(parents=True)
+    atomic_save_safetensors(vae_to_ldm(vae.state_dict()), models / "vae" / "ae-tiny.safetensors")
+    write_shapes_dataset(base / "input" / "shapes", count=4, size=64, seed=0, trigger="zwx")
+    return {"clip_tokenizer": str(files["tokenizer"]), "t5_tokenizer": str(files["tokenizer_2"])}
+
+
+class Comfy:
+    """A running ComfyUI: HTTP helpers and every websocket message since it started."""
+
+    def __init__(self, url: str, base: Path, log: Path):
+        self.url, self.base, self.log = url, base, log
+        self.client_id = uuid.uuid4().hex
+        self.messages: list[dict] = []
+        self.ws = websocket.WebSocket()
+        self.ws.connect(f"ws://{url.removeprefix('http://')}/ws?clientId={self.client_id}", timeout=30)
+        self.ws.settimeout(None)
+        threading.Thread(target=self._listen, daemon=True).start()
+
+    def _listen(self) -> None:
+        while True:
+            try:
+                frame = self.ws.recv()
+            except Exception:
+                return
+            if isinstance(frame, str):
+                self.messages.append(json.loads(frame))
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=60) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, body: object):
+        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return json.loads(r.read() or b"null")
+
+    def queue(self, prompt: dict) -> str:
+        try:
+            return self.post("/prompt", {"prompt": prompt, "client_id": self.client_id})["prompt_id"]
+        except urllib.error.HTTPError as e:
+            raise AssertionError(f"ComfyUI refused the prompt: {e.read().decode()[:3000]}") from None
+
+    def wait(self, prompt_id: str, timeout: float = 600) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history:
+                return history[prompt_id]
+            time.sleep(0.5)
+        raise AssertionError(f"prompt {prompt_id} did not finish in {timeout} s; log: {self.log_text()[-3000:]}")
+
+    def progress(self, since: int = 0, run: str | None = None) -> list[dict]:
+        return [m["data"] for m in self.messages[since:] if m.get("type") == "loraloom.progress"
+                and (run is None or m["data"]["run"] == run)]
+
+    def image(self, ref: dict) -> np.ndarray:
+        query = urllib.parse.urlencode(ref)
+        with urllib.request.urlopen(f"{self.url}/view?{query}", timeout=60) as r:
+            return np.asarray(Image.open(io.BytesIO(r.read())).convert("RGB"), dtype=np.int16)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "lora-loom").symlink_to(REPO, target_is_directory=True)
+    tokenizers = write_models(base)
+    port, log = free_port(), base / "server.log"
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            [python, str(LAUNCHER), COMFYUI_PATH, "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+             "--disable-auto-launch", "--base-directory", str(base), "--database-url", "sqlite:///:memory:"],
+            stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/object_info/LoraLoomTrainSteps", timeout=5)
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(1)
+        host = Comfy(url, base, log)
+        host.tokenizers = tokenizers
+        yield host
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def example(name: str) -> dict:
+    return json.loads((EXAMPLES / "api" / f"{name}.json").read_text())
+
+
+def point_at_tiny_models(prompt: dict, tokenizers: dict[str, str], **train) -> dict:
+    """The example with its file widgets on the tiny files and its sizes small enough for a CPU."""
+    prompt = copy.deepcopy(prompt)
+    settings = {
+        "LoraLoomModel": {"transformer": "flux1-dev2pro-tiny.safetensors", "clip_l": "clip_l-tiny.safetensors",
+                          "t5": "t5xxl-tiny.safetensors", "vae": "ae-tiny.safetensors", "t5_max_length": 16,
+                          **tokenizers},
+        "LoraLoomDatasetFolder": {"folder": "shapes", "resolution": 64},
+        # alpha/rank = 16 makes two steps' adapter visible in a 2-step 64 px sample through a random VAE.
+        "LoraLoomAdapter": {"rank": 4, "alpha": 64.0, "targets": "attention"},
+        "LoraLoomOptimizer": {"lr": 0.01, "scheduler": "constant", "warmup_steps": 0},
+        "LoraLoomTrainSteps": {"batch_size": 1, "mixed_precision": "fp32", "gradient_checkpointing": False,
+                               "checkpoint_every": 0, "validate_every": 0, "preview_steps": 2, **train},
+        "UNETLoader": {"unet_name": "flux1-dev-tiny.safetensors"},
+        "VAELoader": {"vae_name": "ae-tiny.safetensors"},
+        "EmptySD3LatentImage": {"width": 64, "height": 64},
+        "KSampler": {"steps": 2},
+    }
+    for node in prompt.values():
+        for key, value in settings.get(node["class_type"], {}).items():
+            assert key in node["inputs"], f"{node['class_type']} has no input {key}"
+            node["inputs"][key] = value
+    return prompt
+
+
+def node_of(prompt: dict, class_type: str) -> str:
+    [node_id] = [k for k, v in prompt.items() if v["class_type"] == class_type]
+    return node_id
+
+
+def assert_succeeded(entry: dict, comfy: Comfy) -> None:
+    assert entry["status"]["status_str"] == "success", (entry["status"], comfy.log_text()[-4000:])
+
+
+def test_example_ui_forms_are_generated_from_the_api_forms(comfy):
+    object_info = comfy.get("/object_info")
+    for api_file in sorted((EXAMPLES / "api").glob("*.json")):
+        ui = ui_from_api(json.loads(api_file.read_text()), object_info)
+        target = EXAMPLES / api_file.name
+        if os.environ.get("LORALOOM_WRITE_EXAMPLES") == "1":
+            target.write_text(json.dumps(ui, indent=1) + "\n")
+        assert json.loads(target.read_text()) == ui, f"{target} is stale: rerun with LORALOOM_WRITE_EXAMPLES=1"
+    assert sorted(comfy.get("/workflow_templates")["lora-loom"]) == sorted(
+        p.stem for p in (EXAMPLES / "api").glob("*.json"))
+
+
+def test_flux_example_trains_exports_and_the_stock_loader_applies_it(comfy):
+    prompt = point_at_tiny_models(example("flux_train_then_compare_on_dev"), comfy.tokenizers,
+                                  total_steps=2, steps_per_queue=2, validate_every=2)
+    train_id = node_of(prompt, "LoraLoomTrainSteps")
+    since = len(comfy.messages)
+    entry = comfy.wait(comfy.queue(prompt))
+    assert_succeeded(entry, comfy)
+
+    events = comfy.progress(since, run="flux-zwx")
+    assert {e["node"] for e in events} == {train_id}
+    assert [p["step"] for e in events for p in e["points"]] == [1, 2]
+    assert [v["step"] for e in events for v in e["validation"]] == [2]
+    assert events[0]["state"] == "loading" and events[-1]["state"] == "done" and events[-1]["step"] == 2
+    bar = [m["data"] for m in comfy.messages[since:] if m["type"] == "progress" and m["data"]["node"] == train_id]
+    assert bar and bar[-1]["value"] == 2 and bar[-1]["max"] == 2
+
+    lora_name = entry["outputs"][node_of(prompt, "LoraLoomExportAdapter")]["text"][0]
+    assert lora_name == "loraloom/flux-zwx.safetensors"
+    assert (comfy.base / "models" / "loras" / lora_name).is_file()
+    choices = comfy.get("/object_info/LoraLoaderModelOnly")["LoraLoaderModelOnly"]["input"]["required"]
+    assert lora_name in choices["lora_name"][0]
+    [saved] = entry["outputs"][node_of(prompt, "SaveImage")]["images"]
+    assert comfy.image(saved).shape[1] > 2 * 192  # two labelled columns
+
+    # The exported file through the stock loader, sampled with and without it at the same seed, and through the
+    # Apply node (the Train node re-runs: the run is finished, so it only says so and exports again).
+    stock = copy.deepcopy(prompt)
+    for node_id in [k for k, v in stock.items() if v["class_type"] in
+                    ("LoraLoomExportAdapter", "LoraLoomSideBySide", "SaveImage", "LoraLoomLossGraph", "PreviewImage")]:
+        del stock[node_id]
+    unet, apply = node_of(stock, "UNETLoader"), node_of(stock, "LoraLoomApplyAdapter")
+    without_sampler, apply_sampler = (k for k, v in stock.items() if v["class_type"] == "KSampler")
+    assert stock[apply_sampler]["inputs"]["model"] == [apply, 0]
+    stock["stock_lora"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+        "model": [unet, 0], "lora_name": lora_name, "strength_model": 1.0}}
+    stock["stock_sampler"] = copy.deepcopy(stock[apply_sampler])
+    stock["stock_sampler"]["inputs"]["model"] = ["stock_lora", 0]
+    vae = node_of(stock, "VAELoader")
+    for name, sampler in (("without", without_sampler), ("apply", apply_sampler), ("stock", "stock_sampler")):
+        stock[f"decode_{name}"] = {"class_type": "VAEDecode", "inputs": {"samples": [sampler, 0], "vae": [vae, 0]}}
+        stock[f"show_{name}"] = {"class_type": "PreviewImage", "inputs": {"images": [f"decode_{name}", 0]}}
+    log_before = len(comfy.log_text())
+    entry = comfy.wait(comfy.queue(stock))
+    assert_succeeded(entry, comfy)
+    log = comfy.log_text()[log_before:]
+    assert "lora key not loaded" not in log and "NOT LOADED" not in log, log[-3000:]
+    images = {name: comfy.image(entry["outputs"][f"show_{name}"]["images"][0])
+              for name in ("without", "apply", "stock")}
+    assert np.array_equal(images["apply"], images["stock"])  # Apply is ComfyUI's own LoRA patching
+    difference = np.abs(images["without"] - images["stock"]).mean()
+    print(f"mean |with - without| = {difference:.3f} of 255")
+    assert difference > 0.25  # sampling is deterministic: any difference is the adapter's
+
+
+def test_queued_example_continues_and_cancel_keeps_a_checkpoint(comfy):
+    run = "queued-zwx"
+    run_dir = comfy.base / "output" / "loraloom" / "runs" / run
+    prompt = point_at_tiny_models(example("queued_training_with_previews"), comfy.tokenizers,
+                                  total_steps=2, steps_per_queue=1, preview_every=2)
+    train_id = node_of(prompt, "LoraLoomTrainSteps")
+    prompt[train_id]["inputs"]["worker_process"] = True  # the first chunk in a worker process, the rest in ComfyUI
+    since = len(comfy.messages)
+    assert_succeeded(comfy.wait(comfy.queue(prompt)), comfy)
+    assert [p["step"] for e in comfy.progress(since, run=run) for p in e["points"]] == [1]
+    assert (run_dir / "worker.log").is_file()
+    prompt[train_id]["inputs"]["worker_process"] = False
+    since = len(comfy.messages)
+    entry = comfy.wait(comfy.queue(prompt))
+    assert_succeeded(entry, comfy)
+    events = comfy.progress(since, run=run)
+    assert "continuing from the checkpoint at step 1" in events[1]["message"]
+    assert [p["step"] for e in events for p in e["points"]] == [2]
+    [preview] = events[-1]["images"]
+    assert preview["subfolder"] == f"loraloom/runs/{run}/samples" and comfy.image(preview).size > 0
+    assert entry["outputs"][node_of(prompt, "LoraLoomExportAdapter")]["text"] == [
+        "loraloom/queued-zwx-latest.safetensors"]
+
+    # Cancel mid-run: the run stops at a step boundary with a checkpoint of it.
+    prompt[train_id]["inputs"].update(total_steps=6, steps_per_queue=4)
+    since = len(comfy.messages)
+    prompt_id = comfy.queue(prompt)
+    deadline = time.monotonic() + 300
+    while not any(p["step"] >= 3 for e in comfy.progress(since, run) for p in e["points"]):
+        assert time.monotonic() < deadline, comfy.log_text()[-3000:]
+        time.sleep(0.2)
+    comfy.post("/interrupt", {})
+    entry = comfy.wait(prompt_id)
+    assert entry["status"]["status_str"] == "error"
+    assert any(m[0] == "execution_interrupted" for m in entry["status"]["messages"])
+    cancelled = comfy.progress(since, run)[-1]
+    assert cancelled["state"] == "cancelled"
+    stopped = cancelled["step"]
+    assert 3 <= stopped < 6
+    assert (run_dir / "checkpoints" / f"step-{stopped:08d}").is_dir()
+
+    since = len(comfy.messages)
+    assert_succeeded(comfy.wait(comfy.queue(prompt)), comfy)
+    events = comfy.progress(since, run)
+    assert f"continuing from the checkpoint at step {stopped}" in events[1]["message"]
+    assert [p["step"] for e in events for p in e["points"]] == list(range(stopped + 1, min(stopped + 4, 6) + 1))
+
+    metrics = comfy.get(f"/loraloom/runs/{run}/metrics")
+    steps = [r["step"] for r in metrics["events"] if r["type"] == "step"]
+    assert metrics["run"] == run and steps == list(range(1, min(stopped + 4, 6) + 1))
+
+
+@pytest.mark.parametrize("name", ["no-such-run", "..", "%2E%2E", "..%2F..%2Fuser", ".hidden"])
+def test_metrics_route_serves_only_existing_runs(comfy, name):
+    with pytest.raises(urllib.error.HTTPError) as error:
+        comfy.get(f"/loraloom/runs/{name}/metrics")
+    assert error.value.code == 404

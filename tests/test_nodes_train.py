@@ -1,0 +1,277 @@
+"""The Train steps node and the nodes around it, on the tiny Flux, without ComfyUI.
+
+The few calls into the host (``loraloom.nodes.host``) are replaced by recorders; the engine runs for real.
+The same nodes run inside a real ComfyUI in ``tests/host/test_node_pack.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loraloom.nodes import host
+from loraloom.nodes.adapter import ExportAdapter, export_path
+from loraloom.nodes.encode import EncodePrompt
+from loraloom.nodes.images import LossGraph, SideBySide, from_image_batch, to_image_batch
+from loraloom.nodes.runs import LossHistory, TrainedRun
+from loraloom.nodes.settings import AdapterSettings, DatasetFolder, ModelForTraining, OptimizerSettings
+from loraloom.nodes.train import TrainSteps
+from loraloom.nodes.widgets import widget
+from loraloom.training.config import ConfigError, TrainConfig
+
+
+class Interrupted(Exception):
+    """Stands for ComfyUI's InterruptProcessingException."""
+
+
+class Bar:
+    def __init__(self):
+        self.values = []
+
+    def update_absolute(self, value):
+        self.values.append(value)
+
+
+class Host:
+    """Records what the nodes ask of ComfyUI; ``cancel_after`` presses Cancel once that many steps are done."""
+
+    def __init__(self, tmp_path, output, tiny_files, monkeypatch):
+        self.output = output
+        self.loras = tmp_path / "models" / "loras"
+        self.sent, self.bars, self.freed = [], [], 0
+        self.cancel_after: int | None = None
+        folders = {"diffusion_models": tiny_files["transformer"].parent, "text_encoders":
+                   tiny_files["text_encoder"].parent, "vae": tiny_files["vae"].parent}
+        monkeypatch.setattr(host, "output_dir", lambda: self.output)
+        monkeypatch.setattr(host, "input_dir", lambda: tmp_path / "input")
+        monkeypatch.setattr(host, "model_path", lambda folder, name: folders[folder] / name)
+        monkeypatch.setattr(host, "first_folder", lambda folder: {"loras": self.loras}[folder])
+        monkeypatch.setattr(host, "bundled_tokenizer", lambda which: tmp_path / f"bundled-{which}")
+        monkeypatch.setattr(host, "send_progress", lambda event, payload: self.sent.append((event, payload)))
+        monkeypatch.setattr(host, "progress_bar", self._bar)
+        monkeypatch.setattr(host, "free_models", self._free)
+        monkeypatch.setattr(host, "interrupted", self._interrupted)
+        monkeypatch.setattr(host, "raise_if_interrupted", self._raise)
+
+    def _bar(self, total, node_id):
+        self.bars.append(Bar())
+        return self.bars[-1]
+
+    def _free(self):
+        self.freed += 1
+
+    def _interrupted(self) -> bool:
+        steps = [p["step"] for _, p in self.sent if p["points"]]
+        return self.cancel_after is not None and bool(steps) and steps[-1] >= self.cancel_after
+
+    def _raise(self):
+        self.cancel_after = None
+        raise Interrupted
+
+    def payloads(self) -> list[dict]:
+        return [p for _, p in self.sent]
+
+
+@pytest.fixture(scope="module")
+def output(tmp_path_factory):
+    """One ComfyUI output folder for the module, so the runs share the encoder cache; run names differ."""
+    return tmp_path_factory.mktemp("output")
+
+
+@pytest.fixture
+def comfy(tmp_path, output, tiny_files, monkeypatch) -> Host:
+    return Host(tmp_path, output, tiny_files, monkeypatch)
+
+
+@pytest.fixture
+def graph(comfy, tiny_files, shapes_folder):
+    """The setting nodes' outputs, as the example workflow wires them."""
+    model = ModelForTraining().build("flux", tiny_files["transformer"].name, tiny_files["text_encoder"].name,
+                                     tiny_files["text_encoder_2"].name, tiny_files["vae"].name, "auto", False, 16,
+                                     str(tiny_files["tokenizer"]), str(tiny_files["tokenizer_2"]))[0]
+    dataset, _ = DatasetFolder().build(str(shapes_folder), ".txt", "zwx", 64, 2)
+    adapter = AdapterSettings().build(4, 8.0, 0.0, "attention_mlp", 0)[0]
+    optimizer = OptimizerSettings().build("adamw", 1e-3, "constant", 0, 0.01)[0]
+    return dict(model=model, dataset=dataset, adapter=adapter, optimizer=optimizer)
+
+
+def train(graph, run_name: str, total_steps=4, steps_per_queue=2, **overrides):
+    settings = dict(batch_size=2, training_seed=42, guidance=1.0, timesteps="auto_shift", mixed_precision="fp32",
+                    gradient_checkpointing=False, checkpoint_every=0, validate_every=0, preview_every=0,
+                    preview_prompt="", preview_steps=2, preview_guidance=1.0, unique_id="9")
+    settings.update(overrides)
+    return TrainSteps().train(**graph, run_name=run_name, total_steps=total_steps, steps_per_queue=steps_per_queue,
+                              **settings)
+
+
+def test_each_queue_item_continues_the_run_exactly(comfy, graph):
+    run, lora, history = train(graph, "queued", validate_every=2)
+    assert isinstance(run, TrainedRun) and run.step == 2 and run.total_steps == 4
+    assert run.run_dir == comfy.output / "loraloom" / "runs" / "queued"
+    assert (run.run_dir / "checkpoints" / "step-00000002").is_dir()
+    assert lora.keys() == load_file(run.adapter_file).keys() and any(k.endswith(".alpha") for k in lora)
+    assert history.steps == (1, 2) and history.val_steps == (2,)
+    assert comfy.freed == 1 and comfy.bars[0].values == [0, 1, 2]
+
+    run, lora, history = train(graph, "queued", validate_every=2)
+    assert run.step == 4 and history.steps == (1, 2, 3, 4) and history.val_steps == (2, 4)
+    assert comfy.bars[1].values == [2, 3, 4]
+    states = [p["state"] for p in comfy.payloads()]
+    assert states[-1] == "done" and "cancelled" not in states and "error" not in states
+
+    # The same four steps in one queue item give the same adapter: continuing is exact.
+    straight, straight_lora, _ = train(graph, "straight", steps_per_queue=4, validate_every=2)
+    assert straight.step == 4
+    for key, value in straight_lora.items():
+        torch.testing.assert_close(lora[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_a_finished_run_says_so_instead_of_training(comfy, graph):
+    train(graph, "finished", total_steps=1, steps_per_queue=1)
+    before = len(comfy.payloads())
+    run, _, history = train(graph, "finished", total_steps=1, steps_per_queue=1)
+    assert run.step == 1 and history.steps == (1,)
+    last = comfy.payloads()[before:]
+    assert not any(p["points"] for p in last)
+    assert last[-1]["state"] == "done" and "already finished" in last[-1]["message"]
+
+
+def test_cancel_checkpoints_and_the_next_queue_item_resumes(comfy, graph):
+    comfy.cancel_after = 1
+    with pytest.raises(Interrupted):
+        train(graph, "cancelled", total_steps=3, steps_per_queue=3)
+    run_dir = comfy.output / "loraloom" / "runs" / "cancelled"
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-00000001"]
+    assert comfy.payloads()[-1]["state"] == "cancelled"
+
+    run, _, history = train(graph, "cancelled", total_steps=3, steps_per_queue=3)
+    assert run.step == 3 and history.steps == (1, 2, 3)
+    assert comfy.bars[-1].values[0] == 1  # the bar starts where the run was
+
+
+def test_previews_every_n_steps_reach_the_progress_events(comfy, graph):
+    run, _, _ = train(graph, "previews", total_steps=1, steps_per_queue=1, preview_every=1,
+                      preview_prompt="zwx, a red circle")
+    preview = run.run_dir / "samples" / "step-00000001.png"
+    assert preview.is_file()
+    images = comfy.payloads()[-1]["images"]
+    assert images == [{"filename": preview.name, "subfolder": "loraloom/runs/previews/samples", "type": "output"}]
+
+
+def test_changing_what_is_trained_on_a_queued_run_is_refused(comfy, graph):
+    train(graph, "changed", total_steps=2, steps_per_queue=1)
+    graph["adapter"] = AdapterSettings().build(8, 8.0, 0.0, "attention_mlp", 0)[0]
+    with pytest.raises(ConfigError, match=r"adapter\.rank changed"):
+        train(graph, "changed", total_steps=2, steps_per_queue=1)
+    assert comfy.payloads()[-1]["state"] == "error"
+
+
+def test_bad_settings_are_refused_before_loading(comfy, graph):
+    with pytest.raises(ValueError, match="run name"):
+        train(graph, "../escape")
+    with pytest.raises(ConfigError, match=r"data\.resolution"):
+        graph["dataset"] = DatasetFolder().build(graph["dataset"].images, ".txt", "", 40, 1)[0]
+        train(graph, "bad-resolution")
+    assert comfy.freed == 0
+
+
+def test_model_node_defaults_to_the_tokenizers_that_ship_with_comfyui(comfy, tiny_files, tmp_path):
+    model = ModelForTraining().build("flux", tiny_files["transformer"].name, tiny_files["text_encoder"].name,
+                                     tiny_files["text_encoder_2"].name, tiny_files["vae"].name, "fp8", True, 64)[0]
+    assert model.transformer == str(tiny_files["transformer"]) and model.vae == str(tiny_files["vae"])
+    assert model.tokenizer == str(tmp_path / "bundled-clip") and model.tokenizer_2 == str(tmp_path / "bundled-t5")
+    assert model.base_precision == "fp8" and model.guidance_distilled and model.t5_max_length == 64
+
+
+def test_dataset_node_previews_captions_and_finds_relative_folders(comfy, shapes_folder, tmp_path):
+    (tmp_path / "input").mkdir()
+    (tmp_path / "input" / "shapes").symlink_to(shapes_folder, target_is_directory=True)
+    data, preview = DatasetFolder().build("shapes", ".txt", "zwx", 64, 1)
+    assert data.images == str(tmp_path / "input" / "shapes")
+    lines = preview.splitlines()
+    assert lines[0] == "8 images, 0 skipped" and len(lines) == 1 + DatasetFolder.PREVIEW_CAPTIONS
+    assert all("zwx" in line for line in lines[1:])
+    with pytest.raises(ConfigError, match="nowhere"):
+        DatasetFolder().build("nowhere", ".txt", "", 64, 1)
+
+
+def test_widgets_carry_the_config_defaults_and_docs():
+    kind, spec = widget(TrainConfig, "steps", min=1)
+    assert kind == "INT" and spec["default"] == TrainConfig().steps and spec["min"] == 1
+    assert spec["tooltip"] == "Total optimizer steps."
+    choices, spec = widget(TrainConfig, "timesteps")
+    assert choices == ["uniform", "sigmoid", "shift", "auto_shift"] and spec["default"] == "auto_shift"
+
+
+def test_export_never_overwrites_unless_asked(tmp_path):
+    folder = tmp_path / "loras"
+    assert export_path(folder, "a/b.safetensors", False) == folder / "a" / "b.safetensors"
+    (folder / "a").mkdir(parents=True)
+    (folder / "a" / "b.safetensors").write_bytes(b"x")
+    (folder / "a" / "b_001.safetensors").write_bytes(b"x")
+    assert export_path(folder, "a/b", False) == folder / "a" / "b_002.safetensors"
+    assert export_path(folder, "a/b", True) == folder / "a" / "b.safetensors"
+    for bad in ("../b", "/abs/b", ".hidden", "a/../../b", ""):
+        with pytest.raises(ValueError, match="inside the loras folder"):
+            export_path(folder, bad, False)
+
+
+def test_export_node_writes_the_trained_adapter_into_the_loras_folder(comfy, graph):
+    run, lora, _ = train(graph, "exported", total_steps=1, steps_per_queue=1)
+    first = ExportAdapter().export(run, "mine/zwx", False)
+    second = ExportAdapter().export(run, "mine/zwx", False)
+    assert first["result"] == ("mine/zwx.safetensors",) and second["result"] == ("mine/zwx_001.safetensors",)
+    exported = load_file(comfy.loras / "mine" / "zwx.safetensors")
+    assert exported.keys() == lora.keys()
+    assert all(torch.equal(exported[k], lora[k]) for k in lora)
+
+
+def test_a_worker_process_trains_the_same_steps(comfy, graph):
+    _, lora, _ = train(graph, "in-process", total_steps=2, steps_per_queue=2)
+    run, worker_lora, history = train(graph, "in-worker", total_steps=2, steps_per_queue=2, worker_process=True)
+    assert run.step == 2 and history.steps == (1, 2) and (run.run_dir / "worker.log").is_file()
+    for key, value in lora.items():
+        torch.testing.assert_close(worker_lora[key], value, rtol=0, atol=0, msg=key)
+    streamed = [p for p in comfy.payloads() if p["run"] == "in-worker"]
+    assert [pt["step"] for p in streamed for pt in p["points"]] == [1, 2] and streamed[-1]["state"] == "done"
+    assert comfy.bars[-1].values[-1] == 2
+
+
+def test_cancel_stops_a_worker_process_at_a_checkpoint(comfy, graph):
+    comfy.cancel_after = 1
+    with pytest.raises(Interrupted):
+        train(graph, "worker-cancelled", total_steps=50, steps_per_queue=50, worker_process=True)
+    cancelled = comfy.payloads()[-1]
+    assert cancelled["state"] == "cancelled" and 1 <= cancelled["step"] < 50
+    run_dir = comfy.output / "loraloom" / "runs" / "worker-cancelled"
+    assert (run_dir / "checkpoints" / f"step-{cancelled['step']:08d}").is_dir()
+
+
+def test_encode_prompt_gives_flux_conditioning(graph):
+    (conditioning,) = EncodePrompt().encode(graph["model"], "zwx, a red circle", 3.5)
+    [[t5, extra]] = conditioning
+    assert t5.shape == (1, 16, 64) and extra["pooled_output"].shape == (1, 64) and extra["guidance"] == 3.5
+    (other,) = EncodePrompt().encode(graph["model"], "a blue square", 3.5)
+    assert not torch.equal(other[0][0], t5)
+
+
+def test_loss_graph_and_side_by_side_make_images():
+    history = LossHistory((1, 2, 3), (0.9, 0.5, 0.6), (3,), (0.7,))
+    (chart,) = LossGraph().draw(history, 0.6, 320, 200)
+    assert chart.shape == (1, 200, 320, 3) and chart.dtype == torch.float32
+    assert chart.std() > 0.05  # lines and labels were drawn, not a blank canvas
+
+    a = torch.zeros(2, 32, 32, 3)
+    b = torch.ones(2, 32, 32, 3)
+    (sheet,) = SideBySide().compose(a, b, "base", "lora", "same seed")
+    assert sheet.shape[0] == 1 and sheet.shape[2] > 2 * 192 and sheet.shape[1] > 2 * 192  # 2 rows, 2 columns
+    with pytest.raises(ValueError, match="different labels"):
+        SideBySide().compose(a, b, "x", "x", "")
+
+
+def test_image_batches_round_trip_through_pil():
+    images = torch.rand(3, 5, 7, 3).mul(255).round().div(255)
+    pictures = from_image_batch(images)
+    assert [p.size for p in pictures] == [(7, 5)] * 3
+    assert torch.equal(torch.cat([to_image_batch(p) for p in pictures]), images)
