@@ -109,6 +109,10 @@ def test_quality_levels_rank_within_each_rating_by_hand():
     assert levels.tolist() == [6, 5, 5, 4, 4, 3, 2, 1, 1, 0, 4, 4, 2, 0]
 
 
+def columns(records: list[dict]) -> dict[str, list]:
+    return {k: [r.get(k) for r in records] for k in {k for r in records for k in r}}
+
+
 def test_ratings_years_and_the_kohaku_template():
     assert rating_name("e") == "explicit" and rating_name("General") == "general"
     assert [year_tag(y) for y in (2005, 2012, 2016, 2019, 2024, 2031)] == \
@@ -123,14 +127,14 @@ def test_ratings_years_and_the_kohaku_template():
         dict(tag_string_general="no_humans scenery", rating="g", fav_count=1, created_at="2009-01-01"),
         dict(tag_string_general="2boys", rating="g", fav_count=9, created_at="2016-01-01"),
     ]
-    assert kohaku_captions(records) == [
+    assert kohaku_captions(columns(records), 3) == [
         "1girl, hatsune_miku, vocaloid, some_artist ||| solo, smile, long_hair ||| masterpiece, newest, highres, "
         "nsfw, explicit",
         "no_humans ||| scenery ||| worst quality, old, safe",
         "2boys |||  ||| masterpiece, mid, safe",
     ]
-    assert kohaku_captions(records[:1], BooruSettings(meta_tags=False))[0].endswith("masterpiece, newest, nsfw, "
-                                                                                    "explicit")
+    no_meta = kohaku_captions(columns(records[:1]), 1, BooruSettings(meta_tags=False))[0]
+    assert no_meta.endswith("||| masterpiece, newest, nsfw, explicit")
     chain = cp.CaptionSettings(underscores=True).chain()
-    assert cp.process(kohaku_captions(records)[1], chain, random.Random(0)) == \
+    assert cp.process(kohaku_captions(columns(records), 3)[1], chain, random.Random(0)) == \
         "no humans, scenery, worst quality, old, safe"

@@ -65,7 +65,8 @@ def test_checkpoint_holds_what_resume_needs_and_keeps_the_newest(make_config):
     assert [f.name for f in folders] == ["step-00000002", "step-00000003"]
     manifest = json.loads((folders[-1] / "manifest.json").read_text())
     assert set(manifest["files"]) >= {"adapter.safetensors", "optimizer.pt", "rng.safetensors", "state.json"}
-    assert json.loads((folders[-1] / "state.json").read_text()) == {"step": 3, "samples_seen": 6}
+    assert json.loads((folders[-1] / "state.json").read_text()) == {"step": 3, "samples_seen": 6,
+                                                                   "sampler": {"epoch": 0, "batch": 3}}
 
 
 def test_metrics_log_records_loss_lr_time_and_memory(make_config):

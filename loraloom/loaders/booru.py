@@ -31,7 +31,7 @@ PEOPLE = re.compile(r"^(\d\+?|multiple)_?(girl|boy|other)s?$|^no_humans$")
 
 @dataclass(frozen=True)
 class BooruSettings:
-    quality_percentiles: tuple[float, ...] = field(default=(90, 75, 60, 45, 30, 10), metadata={"doc": (
+    quality_percentiles: tuple[float, ...] = field(default=(90.0, 75.0, 60.0, 45.0, 30.0, 10.0), metadata={"doc": (
         "fav_count percentiles within each rating that separate the 7 quality tags, highest first.")})
     year_tags: tuple[tuple[int, int, str], ...] = field(default=DEFAULT_YEAR_TAGS, metadata={"doc": (
         "Year tags from the upload year: [[first_year, last_year, tag], ...].")})
@@ -94,9 +94,16 @@ def kohaku_caption(record: Mapping[str, Any], quality: int, settings: BooruSetti
     return f" {SECTION_SEPARATOR} ".join(", ".join(part) for part in (head, body, tail))
 
 
-def kohaku_captions(records: Sequence[Mapping[str, Any]], settings: BooruSettings = BooruSettings()) -> list[str]:
-    """Captions of a whole set of records: quality is ranked over this set, within each rating."""
-    ratings = [rating_name(r.get("rating")) for r in records]
-    scores = [float(r.get(settings.score_column) or 0) for r in records]
+def kohaku_captions(columns: Mapping[str, Sequence[Any]], count: int,
+                    settings: BooruSettings = BooruSettings()) -> list[str]:
+    """Captions of ``count`` records given column-wise (absent columns are empty): quality is ranked over
+    these records, within each rating. Column-wise so a million records never become a million dicts."""
+    def column(name: str) -> Sequence[Any]:
+        return columns.get(name) or [None] * count
+
+    names = [n for n in columns if n.startswith("tag_string_")] + ["rating", "created_at"]
+    ratings = [rating_name(r) for r in column("rating")]
+    scores = [float(s or 0) for s in column(settings.score_column)]
     levels = quality_levels(ratings, scores, settings.quality_percentiles)
-    return [kohaku_caption(r, int(q), settings) for r, q in zip(records, levels)]
+    rows = zip(*(column(n) for n in names))
+    return [kohaku_caption(dict(zip(names, row)), int(q), settings) for row, q in zip(rows, levels)]
