@@ -52,7 +52,7 @@ def test_parse_splits_sections_lines_and_keeps_natural_text_whole():
                          "masterpiece, newest"),
     (cp.Suffix("end"), "1girl, hatsune_miku, smile, long_hair, ^_^, looking_at_viewer, smile, name_(series), "
                        "masterpiece, newest, end"),
-    (cp.Shuffle(), "1girl, hatsune_miku, smile, ^_^, long_hair, smile, name_(series), looking_at_viewer, "
+    (cp.Shuffle(), "1girl, hatsune_miku, looking_at_viewer, name_(series), ^_^, smile, long_hair, smile, "
                    "masterpiece, newest"),
     (cp.TagDropout(0.5), "1girl, hatsune_miku, smile, long_hair, smile, masterpiece, newest"),
     (cp.CaptionDropout(0.9), ""),

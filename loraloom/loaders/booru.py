@@ -9,7 +9,6 @@ caption follows the Kohaku XL order, in the sections the caption processors unde
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +25,10 @@ RATING_NAMES = {"g": "general", "s": "sensitive", "q": "questionable", "e": "exp
 # Kohaku XL's table, with the newest range left open so later uploads are tagged too.
 DEFAULT_YEAR_TAGS: tuple[tuple[int, int, str], ...] = (
     (0, 2010, "old"), (2011, 2014, "early"), (2015, 2017, "mid"), (2018, 2020, "recent"), (2021, 9999, "newest"))
-PEOPLE = re.compile(r"^(\d\+?|multiple)_?(girl|boy|other)s?$|^no_humans$")
+# Danbooru's people-count tags, which Kohaku puts first.
+PEOPLE = frozenset([f"{n}{kind}{'s' if n != '1' else ''}" for n in ("1", "2", "3", "4", "5", "6+")
+                    for kind in ("girl", "boy", "other")]
+                   + [f"multiple_{kind}s" for kind in ("girl", "boy", "other")] + ["no_humans"])
 
 
 @dataclass(frozen=True)
@@ -73,37 +75,37 @@ def created_year(value: Any) -> int:
     """The year of ``created_at`` (ISO text such as 2021-03-04T..., or a Unix time); 0 when unknown."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return int(np.datetime64(int(value), "s").astype("datetime64[Y]").astype(int) + 1970)
-    match = re.match(r"\s*(\d{4})", str(value or ""))
-    return int(match.group(1)) if match else 0
-
-
-def kohaku_caption(record: Mapping[str, Any], quality: int, settings: BooruSettings = BooruSettings()) -> str:
-    """The sectioned caption of one record (tags keep their underscores: the processors convert them)."""
-    def tags(key: str) -> list[str]:
-        return str(record.get(f"tag_string_{key}") or "").split()
-
-    general = tags("general")
-    people = [t for t in general if PEOPLE.match(t)]
-    head = people + tags("character") + tags("copyright") + tags("artist")
-    body = [t for t in general if not PEOPLE.match(t)]
-    tail = [QUALITY_TAGS[min(quality, len(QUALITY_TAGS) - 1)]]
-    year = year_tag(created_year(record.get("created_at")), settings.year_tags)
-    tail += [year] if year else []
-    tail += tags("meta") if settings.meta_tags else []
-    tail += list(RATING_TAGS.get(rating_name(record.get("rating")), ()))
-    return f" {SECTION_SEPARATOR} ".join(", ".join(part) for part in (head, body, tail))
+    text = str(value or "").strip()[:4]
+    return int(text) if len(text) == 4 and text.isdigit() else 0
 
 
 def kohaku_captions(columns: Mapping[str, Sequence[Any]], count: int,
                     settings: BooruSettings = BooruSettings()) -> list[str]:
-    """Captions of ``count`` records given column-wise (absent columns are empty): quality is ranked over
-    these records, within each rating. Column-wise so a million records never become a million dicts."""
+    """Sectioned captions of ``count`` records given column-wise (absent columns are empty); tags keep their
+    underscores (the processors convert them). Quality is ranked over these records, within each rating.
+    Column-wise so a million records never become a million dicts."""
     def column(name: str) -> Sequence[Any]:
         return columns.get(name) or [None] * count
 
-    names = [n for n in columns if n.startswith("tag_string_")] + ["rating", "created_at"]
     ratings = [rating_name(r) for r in column("rating")]
     scores = [float(s or 0) for s in column(settings.score_column)]
-    levels = quality_levels(ratings, scores, settings.quality_percentiles)
-    rows = zip(*(column(n) for n in names))
-    return [kohaku_caption(dict(zip(names, row)), int(q), settings) for row, q in zip(rows, levels)]
+    levels = quality_levels(ratings, scores, settings.quality_percentiles).tolist()
+    years: dict[int, str] = {}
+    separator = f" {SECTION_SEPARATOR} "
+    out = []
+    for general, character, copyright_, artist, meta, rating, created, level in zip(
+            column("tag_string_general"), column("tag_string_character"), column("tag_string_copyright"),
+            column("tag_string_artist"), column("tag_string_meta"), ratings, column("created_at"), levels):
+        tags = (general or "").split()
+        head = [t for t in tags if t in PEOPLE]
+        head += (character or "").split() + (copyright_ or "").split() + (artist or "").split()
+        tail = [QUALITY_TAGS[min(level, len(QUALITY_TAGS) - 1)]]
+        year = created_year(created)
+        if year not in years:
+            years[year] = year_tag(year, settings.year_tags)
+        tail += [years[year]] if years[year] else []
+        tail += (meta or "").split() if settings.meta_tags else []
+        tail += RATING_TAGS.get(rating, ())
+        body = ", ".join(t for t in tags if t not in PEOPLE)
+        out.append(separator.join((", ".join(head), body, ", ".join(tail))))
+    return out

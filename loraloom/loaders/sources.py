@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -222,9 +223,9 @@ def _index_metadata(path: Path, source: SourceSettings, skips: Skips) -> pa.Tabl
     if source.path_column not in names:
         raise DatasetError(f"{path}: no column '{source.path_column}' with image paths (columns: "
                            f"{', '.join(sorted(names))}); set the source's path_column")
-    root = Path(source.image_root) if source.image_root else path.parent
+    root = str(Path(source.image_root) if source.image_root else path.parent)
     n = table.num_rows
-    paths = [str(root / p) if p else "" for p in table.column(source.path_column).to_pylist()]
+    paths = [os.path.join(root, p) if p else "" for p in table.column(source.path_column).to_pylist()]
     if source.booru:
         columns = {k: table.column(k).to_pylist() for k in names if k.startswith("tag_string_")
                    or k in ("rating", "created_at", source.booru_tags.score_column)}
