@@ -166,8 +166,7 @@ class Session:
         self._text_encoders = None
         for start in range(0, len(prompts), TEXT_CHUNK):  # in chunks: a million embeddings never sit in memory
             self._embed(prompts[start:start + TEXT_CHUNK])
-        if not keep_encoders:
-            self._text_encoders = None
+        self._text_encoders = self._loaded_text_encoders() if keep_encoders else None
 
     def _embed(self, texts: list[str], store: bool = True) -> list[dict[str, torch.Tensor]]:
         """Text embeddings from the cache, encoding the missing ones (stored unless ``store`` is False)."""
@@ -177,14 +176,17 @@ class Session:
                                         lambda missing: self._run_text_encoders([texts[i] for i in missing]))
 
     def _run_text_encoders(self, texts: list[str]) -> list[dict[str, torch.Tensor]]:
+        encoders = self._text_encoders = self._loaded_text_encoders()
+        with torch.no_grad():
+            return [{k: v[0] for k, v in self.family.encode_prompts(encoders, [t]).items()} for t in texts]
+
+    def _loaded_text_encoders(self):
         if self._text_encoders is None:  # loaded on the first cache miss only
             encoders = self.family.load_text_encoders(self.cfg.model, self.text_dtype)
             encoders.clip.to(self.device)
             encoders.t5.to(self.device)
             self._text_encoders = encoders
-        with torch.no_grad():
-            return [{k: v[0] for k, v in self.family.encode_prompts(self._text_encoders, [t]).items()}
-                    for t in texts]
+        return self._text_encoders
 
     def _load_model(self) -> None:
         cfg = self.cfg
