@@ -79,17 +79,20 @@ def created_year(value: Any) -> int:
     return int(text) if len(text) == 4 and text.isdigit() else 0
 
 
-def kohaku_captions(columns: Mapping[str, Sequence[Any]], count: int,
-                    settings: BooruSettings = BooruSettings()) -> list[str]:
+def kohaku_captions(columns: Mapping[str, Sequence[Any]], count: int, settings: BooruSettings = BooruSettings(),
+                    levels: Sequence[int] | None = None) -> list[str]:
     """Sectioned captions of ``count`` records given column-wise (absent columns are empty); tags keep their
-    underscores (the processors convert them). Quality is ranked over these records, within each rating.
-    Column-wise so a million records never become a million dicts."""
+    underscores (the processors convert them). Quality ``levels`` default to ranking these records within
+    each rating (pass them when the records are a chunk of a larger set). Column-wise so a million records
+    never become a million dicts."""
     def column(name: str) -> Sequence[Any]:
         return columns.get(name) or [None] * count
 
     ratings = [rating_name(r) for r in column("rating")]
-    scores = [float(s or 0) for s in column(settings.score_column)]
-    levels = quality_levels(ratings, scores, settings.quality_percentiles).tolist()
+    if levels is None:
+        scores = [float(s or 0) for s in column(settings.score_column)]
+        levels = quality_levels(ratings, scores, settings.quality_percentiles)
+    levels = [int(q) for q in levels]
     years: dict[int, str] = {}
     separator = f" {SECTION_SEPARATOR} "
     out = []

@@ -71,7 +71,7 @@ class TrainingData:
             table = table.set_column(table.schema.get_field_index("repeats"), "repeats", repeats)
             tables.append(table.append_column("source", pa.array(np.full(table.num_rows, number, np.int16))))
         table = pa.concat_tables(tables)
-        keep = _first_occurrences(table.column("content").to_numpy(zero_copy_only=False))
+        keep = _first_occurrences(table.column("content"))
         _count(skipped, "duplicate file", int((~keep).sum()), strict, "the dataset")
         low = buckets.limits(resolution, divisor)[0] if buckets.enabled else 1
         width, height = table.column("width").to_numpy(), table.column("height").to_numpy()
@@ -186,8 +186,10 @@ class TrainingData:
                 "caption_variants": self.caption_variants}
 
 
-def _first_occurrences(keys: np.ndarray) -> np.ndarray:
-    _, first = np.unique(keys, return_index=True)
+def _first_occurrences(keys: pa.ChunkedArray) -> np.ndarray:
+    """True at the first row of each distinct key (in Arrow: no million Python strings)."""
+    rows = pa.table({"key": keys, "row": np.arange(len(keys))})
+    first = rows.group_by("key", use_threads=False).aggregate([("row", "min")]).column("row_min").to_numpy()
     keep = np.zeros(len(keys), dtype=bool)
     keep[first] = True
     return keep

@@ -20,9 +20,10 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image, UnidentifiedImageError
 
-from .booru import BooruSettings, kohaku_captions
+from .booru import BooruSettings, kohaku_captions, quality_levels, rating_name
 from .captions import CaptionSettings
 from .files import atomic_write_bytes
 from .images import IMAGE_SUFFIXES, DatasetError
@@ -217,49 +218,70 @@ def read_metadata(path: Path) -> pa.Table:
     raise DatasetError(f"{path}: unknown metadata format; use .jsonl, .csv or .parquet")
 
 
+CHUNK = 100_000  # rows turned into Python strings at a time: bounds peak memory on millions of records
+
+
 def _index_metadata(path: Path, source: SourceSettings, skips: Skips) -> pa.Table:
     table = read_metadata(path)
     names = set(table.column_names)
     if source.path_column not in names:
         raise DatasetError(f"{path}: no column '{source.path_column}' with image paths (columns: "
                            f"{', '.join(sorted(names))}); set the source's path_column")
-    root = str(Path(source.image_root) if source.image_root else path.parent)
+    missing = [c for c in source.caption_columns if c not in names]
+    if missing and not source.booru:
+        raise DatasetError(f"{path}: no caption column {missing[0]!r} (columns: {', '.join(sorted(names))}); "
+                           "set the source's caption_columns")
     n = table.num_rows
-    paths = [os.path.join(root, p) if p else "" for p in table.column(source.path_column).to_pylist()]
-    if source.booru:
-        columns = {k: table.column(k).to_pylist() for k in names if k.startswith("tag_string_")
-                   or k in ("rating", "created_at", source.booru_tags.score_column)}
-        captions = kohaku_captions(columns, n, source.booru_tags)
-    else:
-        missing = [c for c in source.caption_columns if c not in names]
-        if missing:
-            raise DatasetError(f"{path}: no caption column {missing[0]!r} (columns: {', '.join(sorted(names))}); "
-                               "set the source's caption_columns")
-        captions = _join_columns([table.column(c).to_pylist() for c in source.caption_columns])
-    width = _first_column(table, WIDTH_COLUMNS)
-    height = _first_column(table, HEIGHT_COLUMNS)
+    root = str(Path(source.image_root) if source.image_root else path.parent)
+    relative = table.column(source.path_column).cast(pa.string())
+    paths = pc.binary_join_element_wise(pa.scalar(root), relative, os.sep)
     hash_name = next((c for c in HASH_COLUMNS if c in names), None)
-    content = ([None if c is None else f"{hash_name}:{c}" for c in table.column(hash_name).to_pylist()]
-               if hash_name else [None] * n)
+    content = (pc.binary_join_element_wise(pa.scalar(hash_name), table.column(hash_name).cast(pa.string()), ":")
+               if hash_name else pa.nulls(n, pa.string()))
+    width, height = _first_column(table, WIDTH_COLUMNS), _first_column(table, HEIGHT_COLUMNS)
+    captions = pa.chunked_array(_captions(table, source), pa.string())
     keep = np.ones(n, dtype=bool)
-    for i in range(n):
-        if not paths[i]:
-            skips.add("no image path", f"{path} row {i}")
-            keep[i] = False
-        elif width is None or height is None or content[i] is None or width[i] <= 0 or height[i] <= 0:
-            # Not in the metadata: read the image header (and bytes for the hash) once here.
-            got = _probe(Path(paths[i]), skips)
+    no_path = pc.fill_null(pc.equal(relative, ""), True).to_numpy(zero_copy_only=False)
+    for i in np.flatnonzero(no_path):
+        skips.add("no image path", f"{path} row {i}")
+        keep[i] = False
+    unknown = ~no_path & (pc.is_null(content).to_numpy(zero_copy_only=False) | (width <= 0) | (height <= 0))
+    if unknown.any():  # not in the metadata: read the image header (and bytes for the hash) once here
+        content = content.to_pylist()
+        for i in np.flatnonzero(unknown):
+            got = _probe(Path(paths[i].as_py()), skips)
             if got is None:
                 keep[i] = False
-                continue
-            content[i], w, h = got
-            if width is None or height is None:
-                width, height = np.zeros(n, np.int64), np.zeros(n, np.int64)
-            width[i], height[i] = w, h
-    rows = {"path": paths, "caption": captions, "content": content, "width": width, "height": height,
-            "repeats": np.full(n, float(source.repeats))}
-    out = pa.table(rows, schema=SCHEMA)
+            else:
+                content[i], width[i], height[i] = got
+    out = pa.table({"path": paths, "caption": captions, "content": content, "width": width, "height": height,
+                    "repeats": np.full(n, float(source.repeats))}, schema=SCHEMA)
     return out.filter(pa.array(keep)) if not keep.all() else out
+
+
+def _captions(table: pa.Table, source: SourceSettings) -> list[pa.Array]:
+    """Caption text per row, built CHUNK rows at a time; booru quality is ranked over the whole table."""
+    n, names, booru = table.num_rows, set(table.column_names), source.booru_tags
+    if source.booru:
+        wanted = [k for k in table.column_names if k.startswith("tag_string_")] + ["rating", "created_at"]
+        ratings = [rating_name(r) for r in _column(table, "rating").to_pylist()]
+        scores = pc.fill_null(_column(table, booru.score_column).cast(pa.float64()), 0).to_numpy()
+        levels = quality_levels(ratings, scores, booru.quality_percentiles)
+        del ratings
+    out = []
+    for start in range(0, n, CHUNK):
+        part = table.slice(start, CHUNK)
+        if source.booru:
+            columns = {k: part.column(k).to_pylist() for k in wanted if k in names}
+            text = kohaku_captions(columns, part.num_rows, booru, levels[start:start + CHUNK])
+        else:
+            text = _join_columns([part.column(c).to_pylist() for c in source.caption_columns])
+        out.append(pa.array(text, pa.string()))
+    return out
+
+
+def _column(table: pa.Table, name: str) -> pa.ChunkedArray:
+    return table.column(name) if name in table.column_names else pa.chunked_array([pa.nulls(table.num_rows)])
 
 
 def _probe(path: Path, skips: Skips) -> tuple[str, int, int] | None:
@@ -279,11 +301,12 @@ def _probe(path: Path, skips: Skips) -> tuple[str, int, int] | None:
     return hashlib.sha256(data).hexdigest(), width, height
 
 
-def _first_column(table: pa.Table, names: Sequence[str]) -> np.ndarray | None:
+def _first_column(table: pa.Table, names: Sequence[str]) -> np.ndarray:
+    """The first of ``names`` as int64 (0 where absent: the image header is read instead)."""
     for name in names:
         if name in table.column_names:
             return np.asarray(table.column(name).fill_null(0).to_numpy(), dtype=np.int64).copy()
-    return None
+    return np.zeros(table.num_rows, np.int64)
 
 
 def _join_columns(columns: list[list]) -> list[str]:
