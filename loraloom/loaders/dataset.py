@@ -77,7 +77,8 @@ class TrainingData:
         width, height = table.column("width").to_numpy(), table.column("height").to_numpy()
         small = keep & ((width < low) | (height < low))
         _count(skipped, f"smaller than {low} px", int(small.sum()), strict, "the dataset")
-        table = table.filter(pa.array(keep & ~small))
+        usable = keep & ~small
+        table = table if usable.all() else table.filter(pa.array(usable))  # filter copies every column
         if table.num_rows == 0:
             names = ", ".join(s.path for s in sources)
             raise DatasetError(f"{names}: no usable images (skipped: {dict(skipped) or 'none found'}); check the "
@@ -92,9 +93,8 @@ class TrainingData:
 
     def _set_rows(self, table: pa.Table, bucket: np.ndarray, resized: np.ndarray, crop: np.ndarray) -> None:
         self.table, self.bucket, self.resized, self.crop = table, bucket, resized, crop
-        self.paths = table.column("path").combine_chunks()
-        self.captions = table.column("caption").combine_chunks()
-        self.contents = table.column("content").combine_chunks()
+        self.paths, self.captions, self.contents = (_one_array(table.column(c)) for c in ("path", "caption",
+                                                                                          "content"))
         self.source = table.column("source").to_numpy()
         self.repeats = table.column("repeats").to_numpy()
         self.bucket_id = np.unique(bucket, axis=0, return_inverse=True)[1].reshape(-1)
@@ -184,6 +184,11 @@ class TrainingData:
         return {"sources": [asdict(s) for s in self.sources], "resolution": self.resolution,
                 "divisor": self.divisor, "buckets": asdict(self.bucket_settings), "seed": self.seed,
                 "caption_variants": self.caption_variants}
+
+
+def _one_array(column: pa.ChunkedArray) -> pa.Array:
+    """Random access in O(1); a single chunk (a memory-mapped cached index) is not copied."""
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
 def _first_occurrences(keys: pa.ChunkedArray) -> np.ndarray:

@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .booru import BooruSettings, kohaku_captions, quality_levels, rating_name
 from .captions import CaptionSettings
-from .files import atomic_write_bytes
+from .files import fsync_dir
 from .images import IMAGE_SUFFIXES, DatasetError
 
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya: 10_mychar means every image in it 10 times per epoch
@@ -102,11 +102,24 @@ def cached_index(source: SourceSettings, cache_root: Path | None, strict: bool) 
         except (pa.ArrowInvalid, OSError, KeyError, ValueError):
             pass  # a damaged cache entry is rebuilt
     table = index_source(source, skips)
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_file(sink, table.schema.with_metadata({"skipped": json.dumps(dict(skips))})) as writer:
-        writer.write_table(table)
-    atomic_write_bytes(file, sink.getvalue().to_pybytes())
+    _write_index(file, table, skips)
     return table, Counter(skips)
+
+
+def _write_index(file: Path, table: pa.Table, skips: Counter) -> None:
+    """Arrow IPC, streamed to a temporary file and renamed (atomic; no second copy of a large index)."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(
+                sink, table.schema.with_metadata({"skipped": json.dumps(dict(skips))})) as writer:
+            writer.write_table(table)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, file)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(file.parent)
 
 
 def _source_key(source: SourceSettings) -> str:
