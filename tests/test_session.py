@@ -66,7 +66,7 @@ def test_checkpoint_holds_what_resume_needs_and_keeps_the_newest(make_config):
     manifest = json.loads((folders[-1] / "manifest.json").read_text())
     assert set(manifest["files"]) >= {"adapter.safetensors", "optimizer.pt", "rng.safetensors", "state.json"}
     state = json.loads((folders[-1] / "state.json").read_text())
-    assert (state["step"], state["samples_seen"]) == (3, 6)
+    assert (state["step"], state["samples_seen"], state["sampler"]) == (3, 6, {"epoch": 0, "batch": 3})
 
 
 def test_metrics_log_records_loss_lr_time_and_memory(make_config):

@@ -1,15 +1,14 @@
-"""An image folder with a caption file beside each image (the layout every trainer reads)."""
+"""Decoding images for training: every format Pillow reads, to RGB tensors cut to a bucket."""
 
 from __future__ import annotations
 
-import hashlib
 import io
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from .files import atomic_write_bytes
 
@@ -20,57 +19,73 @@ class DatasetError(ValueError):
     """A dataset that cannot be trained on; the message names the folder and the fix."""
 
 
-@dataclass(frozen=True)
-class Sample:
-    path: Path
-    caption: str
-    content_hash: str  # sha256 of the image bytes: the cache key, independent of the file name
-
-
-@dataclass(frozen=True)
-class FolderIndex:
-    samples: list[Sample]
-    skipped: dict[str, int]  # reason -> count
-
-
-def index_folder(folder: str | Path, caption_extension: str = ".txt", trigger: str = "") -> FolderIndex:
-    """Every readable image under ``folder`` (recursive, sorted) with its caption.
-
-    Unreadable images and non-UTF-8 captions are skipped and counted; a missing caption is an empty one.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DatasetError(f"{folder}: dataset folder not found; set data.images to a folder of images")
-    samples, skipped = [], {}
-    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-        try:
-            data = path.read_bytes()
-            with Image.open(path) as im:
-                im.verify()
-        except (OSError, UnidentifiedImageError, SyntaxError):
-            skipped["unreadable image"] = skipped.get("unreadable image", 0) + 1
-            continue
-        cap_path = path.with_suffix(caption_extension)
-        try:
-            caption = cap_path.read_text(encoding="utf-8").strip() if cap_path.exists() else ""
-        except UnicodeDecodeError:
-            skipped["caption not UTF-8"] = skipped.get("caption not UTF-8", 0) + 1
-            continue
-        if trigger and trigger not in caption:
-            caption = f"{trigger}, {caption}" if caption else trigger
-        samples.append(Sample(path, caption, hashlib.sha256(data).hexdigest()))
-    if not samples:
-        raise DatasetError(f"{folder}: no usable images (supported: {', '.join(sorted(IMAGE_SUFFIXES))}; "
-                           f"skipped: {skipped or 'none found'})")
-    return FolderIndex(samples, skipped)
-
-
-def load_image(path: Path, resolution: int) -> torch.Tensor:
-    """An image as (3, R, R) float32 in [-1, 1]: EXIF-rotated, RGB, resized and centre-cropped."""
+def decode_image(path: str | Path, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Any image Pillow reads as 8-bit RGB: EXIF rotation applied, transparency composited on ``background``,
+    16-bit and 32-bit grey scaled (not clipped) to 8 bits, palette and CMYK converted."""
     with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im).convert("RGB")
-        im = ImageOps.fit(im, (resolution, resolution), Image.Resampling.LANCZOS)
+        im.load()
+        im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        wide = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or wide.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(wide / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def load_crop(path: str | Path, resized: tuple[int, int], crop: tuple[int, int], bucket: tuple[int, int],
+              flip: bool = False, background: tuple[int, int, int] = (255, 255, 255)) -> torch.Tensor:
+    """(3, bucket_h, bucket_w) float32 in [-1, 1]: the image resized to ``resized`` (w, h), cut at ``crop``
+    (left, top) to the ``bucket`` size (w, h), mirrored when ``flip``."""
+    im = decode_image(path, background)
+    if im.size != tuple(resized):
+        im = im.resize(tuple(resized), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    left, top = crop
+    im = im.crop((left, top, left + bucket[0], top + bucket[1]))
+    if flip:
+        im = ImageOps.mirror(im)
     return from_pil(im)
+
+
+class CropDataset(torch.utils.data.Dataset):
+    """Decodes and cuts images in DataLoader workers; item i is (i, pixels) or (i, None) for a bad file."""
+
+    def __init__(self, specs: Sequence, background: tuple[int, int, int] = (255, 255, 255)):
+        self.specs, self.background = list(specs), background  # objects with path, resized, crop, bucket, flip
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None]:
+        s = self.specs[i]
+        try:
+            return i, load_crop(s.path, s.resized, s.crop, s.bucket, s.flip, self.background)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            return i, None  # counted and skipped by the caller, before training starts
+
+
+def decode_batches(specs: Sequence, batch_size: int, workers: int,
+                   background: tuple[int, int, int] = (255, 255, 255)
+                   ) -> Iterator[tuple[list[int], torch.Tensor | None, list[int]]]:
+    """(decoded positions, their pixels (B, 3, H, W), failed positions) in batches of one bucket each."""
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for i, s in enumerate(specs):
+        by_bucket.setdefault(tuple(s.bucket), []).append(i)
+    batches = [ids[i:i + batch_size] for ids in by_bucket.values() for i in range(0, len(ids), batch_size)]
+    loader = torch.utils.data.DataLoader(CropDataset(specs, background), batch_sampler=batches,
+                                         num_workers=workers, collate_fn=_collate)
+    yield from loader
+
+
+def _collate(items: list[tuple[int, torch.Tensor | None]]) -> tuple[list[int], torch.Tensor | None, list[int]]:
+    good = [(i, x) for i, x in items if x is not None]
+    pixels = torch.stack([x for _, x in good]) if good else None
+    return [i for i, _ in good], pixels, [i for i, x in items if x is None]
 
 
 def from_pil(image: Image.Image) -> torch.Tensor:

@@ -53,6 +53,42 @@ def _print_event(event: dict) -> None:
         print(" ".join(f"{k}={v}" for k, v in event.items() if k not in ("type", "time")), f"[{kind}]", flush=True)
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    """The dataset as the run will see it: sources, skips, buckets, and captions as the model reads them."""
+    from ..loaders.sampler import SamplerPosition
+    from .session import split_and_sample, training_data
+
+    cfg = load_config(args.config, args.set, check_paths=False)
+    if args.seed is not None:
+        cfg = replace(cfg, train=replace(cfg.train, seed=args.seed))
+    cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.output.run_dir).parent / "cache"
+    data = training_data(cfg, cache_root)
+    train_rows, val_rows, sampler = split_and_sample(cfg, data)
+    summary = data.summary()
+    print(f"{summary['records']} images: {len(train_rows)} for training, {len(val_rows)} for validation")
+    for source in summary["sources"]:
+        print(f"  {source['path']}: {source['images']} images, {source['appearances_per_epoch']:g} per epoch "
+              "with repeats")
+    skipped = summary["skipped"]
+    print("skipped: " + (", ".join(f"{reason} {count}" for reason, count in skipped.items()) or "none"))
+    print("buckets: " + ", ".join(f"{size} {count}" for size, count in summary["buckets"].items()))
+    print(f"captions from step {args.step} (seed {cfg.train.seed}), as the text encoder reads them:")
+    position, shown, batches_per_step = SamplerPosition(), 0, cfg.train.gradient_accumulation
+    for _ in range(args.step * batches_per_step):  # cheap: no image is read
+        position = sampler.next_batch(position)[2]
+    while shown < args.samples:
+        ids, where, position = sampler.next_batch(position)
+        for slot, row in enumerate(train_rows[ids]):
+            if shown == args.samples:
+                break
+            w, h = data.bucket[row]
+            caption = data.caption_at(row, where.epoch, where.batch, slot)
+            print(f"  epoch {where.epoch} batch {where.batch} [{w}x{h}] {Path(data.paths[row].as_py()).name}: "
+                  f"{caption!r}")
+            shown += 1
+    return 0
+
+
 def _config(args: argparse.Namespace) -> int:
     sys.stdout.write(to_toml(example_config(args.example)))
     return 0
@@ -85,6 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="print an example config")
     config.add_argument("--example", choices=sorted(EXAMPLES), default="flux")
     config.set_defaults(func=_config)
+    dataset = sub.add_parser("dataset", help="look at the training data before training")
+    dataset_sub = dataset.add_subparsers(dest="dataset_command", required=True)
+    inspect = dataset_sub.add_parser("inspect", help="index summary and processed captions at a step")
+    inspect.add_argument("config", type=Path)
+    inspect.add_argument("--samples", type=int, default=8, help="captions to print (default 8)")
+    inspect.add_argument("--seed", type=int, help="data seed (default: train.seed of the config)")
+    inspect.add_argument("--step", type=int, default=0, help="show the captions of this training step onwards")
+    inspect.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                         help="override a config value (TOML syntax; repeatable)")
+    inspect.set_defaults(func=_inspect)
     demo = sub.add_parser("demo", help="train a tiny model on generated data and show the result")
     demo.add_argument("--prepare", type=Path, help="only write models, data and config into this folder")
     demo.add_argument("--out", type=Path, default=Path("loraloom-demo"), help="demo folder (default ./loraloom-demo)")

@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..loaders.buckets import BucketSettings
+from ..loaders.captions import CaptionSettings
+from ..loaders.sources import SourceSettings
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -61,14 +65,28 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    images: str = doc("Folder of training images, with a caption file beside each image.", "")
+    images: str = doc(
+        "Folder of training images, with a caption file beside each image (an image without one gets an empty "
+        "caption plus the trigger). Shorthand for one source; use [[data.sources]] for more.", "")
     caption_extension: str = doc("Caption file extension.", ".txt")
-    resolution: int = doc("Training resolution in pixels (square, centre crop).", 512)
+    resolution: int = doc(
+        "Training resolution in pixels: the square side, or with buckets the side of the target area.", 512)
     trigger: str = doc("Trigger word put in front of every caption ('' for none).", "")
     validation_images: int = doc(
         "Images held out from training for the validation loss (0: score the training images).", 1
     )
     cache_dir: str = doc("Latent and text-embedding cache folder. Empty: <run_dir>/../cache.", "")
+    captions: CaptionSettings = doc("Caption processors of data.images.", default_factory=CaptionSettings)
+    sources: tuple[SourceSettings, ...] = doc(
+        "Further sources ([[data.sources]] tables), each with its own repeats, weight and caption settings.", ())
+    buckets: BucketSettings = doc("Aspect-ratio buckets.", default_factory=BucketSettings)
+    caption_variants: int = doc(
+        "For captions that change every step (shuffle, dropout, choose): 0 encodes the text every step (text "
+        "encoders stay loaded; exact); K > 0 pre-encodes K variants per caption and picks one per epoch (K "
+        "text embeddings per image on disk, encoders unloaded after caching).", 0)
+    strict: bool = doc("Stop at the first unusable file instead of skipping and counting it.", False)
+    workers: int = doc("DataLoader worker processes that decode images while the latent cache is built.", 2)
+    background: tuple[int, int, int] = doc("RGB colour transparent images are composited on.", (255, 255, 255))
 
 
 @dataclass(frozen=True)
@@ -170,6 +188,7 @@ PATH_FIELDS = {
     "data": ("images", "cache_dir"),
     "output": ("run_dir",),
 }
+SOURCE_PATH_FIELDS = ("path", "image_root")
 REQUIRED_PATHS = {
     "model": ("transformer", "text_encoder", "text_encoder_2", "vae"),
     "data": ("images",),
@@ -178,6 +197,8 @@ REQUIRED_PATHS = {
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it in the field's type."""
+    if dataclasses.is_dataclass(tp):  # a table inside an array of tables ([[data.sources]])
+        return _build(tp, value, where)
     origin = typing.get_origin(tp)
     if origin is Literal:
         if value not in typing.get_args(tp):
@@ -253,6 +274,17 @@ def _check_values(cfg: RunConfig) -> None:
         ("data.resolution", cfg.data.resolution >= 16 and cfg.data.resolution % 16 == 0,
          "must be a multiple of 16 (VAE factor 8 x patch 2)"),
         ("data.validation_images", cfg.data.validation_images >= 0, "must be >= 0"),
+        ("data.caption_variants", cfg.data.caption_variants >= 0, "must be >= 0"),
+        ("data.workers", cfg.data.workers >= 0, "must be >= 0"),
+        ("data.background", all(0 <= c <= 255 for c in cfg.data.background), "must be three values in 0..255"),
+        *(check for i, source in enumerate(cfg.data.sources) for check in (
+            (f"data.sources[{i}].path", bool(source.path), "must name a folder or a metadata file"),
+            (f"data.sources[{i}].repeats", source.repeats >= 1, "must be at least 1"),
+            (f"data.sources[{i}].weight", source.weight > 0, "must be positive"))),
+        *(check for where, c in _caption_settings(cfg.data) for check in (
+            (f"{where}.tag_dropout", 0 <= c.tag_dropout < 1, "must be in [0, 1)"),
+            (f"{where}.caption_dropout", 0 <= c.caption_dropout < 1, "must be in [0, 1)"),
+            (f"{where}.keep_first", c.keep_first >= 0, "must be >= 0"))),
         ("sample.steps", cfg.sample.steps >= 1, "must be at least 1"),
         ("sample.resolution", cfg.sample.resolution % 16 == 0, "must be a multiple of 16"),
         ("output.name", plain_file_name(cfg.output.name), "must be a plain file name (no '/', '\\' or '..')"),
@@ -267,9 +299,15 @@ def plain_file_name(name: str) -> bool:
     return bool(name) and not any(bad in name for bad in ("/", "\\", "..", "\x00")) and name != "."
 
 
-def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+def _caption_settings(data: DataConfig) -> list[tuple[str, CaptionSettings]]:
+    return [("data.captions", data.captions),
+            *((f"data.sources[{i}].captions", s.captions) for i, s in enumerate(data.sources))]
+
+
+
+def _resolve_paths(data: dict[str, Any], base: Path, fields: dict[str, tuple[str, ...]] = PATH_FIELDS) -> None:
     """Make relative paths relative to the config file's folder (in place)."""
-    for section, keys in PATH_FIELDS.items():
+    for section, keys in fields.items():
         table = data.get(section)
         if not isinstance(table, dict):
             continue
@@ -279,13 +317,22 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
                 table[key] = str((base / value).resolve())
             elif isinstance(value, str) and value:
                 table[key] = str(Path(value).expanduser())
+    sources = data["data"].get("sources") if isinstance(data.get("data"), dict) else None
+    for source in sources if isinstance(sources, list) else []:
+        if isinstance(source, dict):
+            _resolve_paths({"data": source}, base, {"data": SOURCE_PATH_FIELDS})
 
 
 def check_files(cfg: RunConfig) -> None:
     """Check that every required input exists; the message names the key and the path."""
+    for i, source in enumerate(cfg.data.sources):
+        if not Path(source.path).exists():
+            raise ConfigError(f"data.sources[{i}].path: {source.path} does not exist")
     for section, keys in REQUIRED_PATHS.items():
         for key in keys:
             value = getattr(getattr(cfg, section), key)
+            if (section, key) == ("data", "images") and not value and cfg.data.sources:
+                continue  # the sources are the dataset
             if not value:
                 raise ConfigError(f"{section}.{key} is empty: set it to the path of the file or folder")
             if not Path(value).exists():
@@ -353,11 +400,27 @@ def to_toml(cfg: RunConfig, comments: bool = True) -> str:
     """The config as TOML; with ``comments``, each key is preceded by its documentation."""
     lines: list[str] = []
     for section in dataclasses.fields(RunConfig):
-        sub = getattr(cfg, section.name)
-        lines.append(f"[{section.name}]" + (f"  # {section.metadata['doc']}" if comments else ""))
-        for f in dataclasses.fields(sub):
-            if comments:
-                lines.append(f"# {f.metadata['doc']}")
-            lines.append(f"{f.name} = {_toml_value(getattr(sub, f.name))}")
-        lines.append("")
+        _toml_table(lines, f"[{section.name}]", section.name, getattr(cfg, section.name), section.metadata["doc"],
+                    comments)
     return "\n".join(lines)
+
+
+def _toml_table(lines: list[str], header: str, name: str, obj: Any, text: str, comments: bool) -> None:
+    """One table: plain keys first, then nested tables ([a.b]) and arrays of tables ([[a.b]])."""
+    lines.append(header + (f"  # {text}" if comments else ""))
+    nested = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value) or (isinstance(value, tuple) and value
+                                               and dataclasses.is_dataclass(value[0])):
+            nested.append((f, value))
+            continue
+        if comments:
+            lines.append(f"# {f.metadata['doc']}")
+        lines.append(f"{f.name} = {_toml_value(value)}")
+    lines.append("")
+    for f, value in nested:
+        path = f"{name}.{f.name}"
+        for item in value if isinstance(value, tuple) else (value,):
+            header = f"[[{path}]]" if isinstance(value, tuple) else f"[{path}]"
+            _toml_table(lines, header, path, item, f.metadata["doc"], comments)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -32,10 +31,13 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from ..loaders.cache import EncoderCache, text_key
-from ..loaders.files import fingerprint, writable_folder
-from ..loaders.images import Sample, index_folder, load_image, save_png, to_pil
+from ..loaders.dataset import LatentSpec, TrainingData
+from ..loaders.files import atomic_save_safetensors, fingerprint, writable_folder
+from ..loaders.images import DatasetError, decode_batches, save_png, to_pil
+from ..loaders.sampler import BucketBatchSampler, SamplerPosition
+from ..loaders.sources import SourceSettings
 from . import adapters, checkpoint
-from .config import ConfigError, DataConfig, RunConfig, config_from_dict, plain_file_name, to_toml
+from .config import ConfigError, RunConfig, config_from_dict, plain_file_name, to_toml
 from .export import EXPORT_DTYPES, kohya_metadata, write_lora
 from .families import FAMILIES
 from .metrics import MetricsLog
@@ -46,12 +48,15 @@ log = logging.getLogger(__name__)
 Event = dict[str, Any]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VALIDATION_TIMESTEPS = 4
+ENCODE_BATCH = 8  # images per VAE call while building the latent cache
+IMAGES_PER_WORKER = 32  # fewer missing latents than this per worker decode in-process (no start-up cost)
+TEXT_CHUNK = 256  # captions per cache pass at start-up
 # Keys a resume may change: they do not alter what the next step computes. Any other changed key (base
 # model, adapter shape, batch size, lr, data settings, including keys added later) refuses the resume.
 CHANGEABLE_ON_RESUME = ("train.steps", "train.checkpoint_every", "train.keep_checkpoints",
                         "train.keep_checkpoint_every", "train.nonfinite_patience", "train.validate_every",
                         "train.log_every", "train.gradient_checkpointing", "model.guidance_distilled",
-                        "data.images", "data.cache_dir", "sample.", "output.")
+                        "data.images", "data.cache_dir", "data.workers", "sample.", "output.")
 
 
 class NonFiniteError(ValueError):
@@ -66,7 +71,8 @@ class TrainState:
     gradient-accumulation position is always a whole step and ``samples_seen`` fixes the next micro-batch.
     """
     step: int = 0
-    samples_seen: int = 0  # position in the stream of shuffled epochs
+    samples_seen: int = 0  # images trained on so far (this rank)
+    sampler: dict[str, int] = dataclasses.field(default_factory=lambda: SamplerPosition().to_dict())
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient, in all
     nonfinite_streak: int = 0  # of those, how many in a row up to now
 
@@ -91,7 +97,6 @@ class Session:
         self.generator = torch.Generator().manual_seed(cfg.train.seed)  # noise and timesteps
         self.torch_rng = _seeded_rng_states(cfg.train.seed + 1)  # dropout; the host's RNG is left alone
         self.host_rng = _seeded_host_rng_states(cfg.train.seed + 2)  # python and numpy, likewise
-        self._epoch_order: tuple[int, torch.Tensor] | None = None
 
     # ------------------------------------------------------------ set-up
 
@@ -119,63 +124,84 @@ class Session:
 
     def _load_data(self) -> None:
         cfg = self.cfg
-        index = index_folder(cfg.data.images, cfg.data.caption_extension, cfg.data.trigger)
-        samples = index.samples
-        held_out = min(cfg.data.validation_images, len(samples) - 1)
-        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(cfg.train.seed)).tolist()
-        val_ids, train_ids = set(order[:held_out]), order[held_out:]
-        train = [samples[i] for i in sorted(train_ids)]
-        val = [samples[i] for i in sorted(val_ids)] or train[: min(4, len(train))]
         cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.run_dir.parent / "cache"
+        self.data = data = training_data(cfg, cache_root)
         self.vae = self.family.load_vae(cfg.model.vae).to(self.device)
-        unique = list({s.content_hash: s for s in train + val}.values())  # each image and caption encoded once
-        latents = self._encode_latents(cache_root, unique)
-        prompts = list(dict.fromkeys([s.caption for s in unique] + list(cfg.sample.prompts)))
-        texts = dict(zip(prompts, self._encode_texts(cache_root, prompts)))
-        self.train_items = [Item(latents[s.content_hash], texts[s.caption]) for s in train]
-        self.val_items = [Item(latents[s.content_hash], texts[s.caption]) for s in val]
-        self.sample_texts = {p: texts[p] for p in cfg.sample.prompts}
-        self.dataset_fingerprint = dataset_fingerprint(train, cfg.data)
-        self._emit({"type": "dataset", "train": len(train), "validation": len(val), "held_out": held_out,
-                    "skipped": index.skipped})
+        self._encode_latents(cache_root, data)  # drops images that do not decode, before the first step
+        self.train_rows, val_rows, self.sampler = split_and_sample(cfg, data)
+        held_out = len(val_rows) if cfg.data.validation_images else 0
+        # Texts that never change (or their K variants) are encoded once; per-step ones at each step.
+        per_step = cfg.data.caption_variants == 0 and any(data.varies(r) for r in self.train_rows)
+        fixed = [t for r in self.train_rows for t in data.variant_captions(r)]
+        val_texts = [data.fixed_caption(r) for r in val_rows]
+        self._encode_texts(cache_root, list(dict.fromkeys(fixed + val_texts + list(cfg.sample.prompts))),
+                           keep_encoders=per_step)
+        val_latents = self._latents([data.latent_spec(r) for r in val_rows])
+        self.val_items = [Item(lat, txt) for lat, txt in zip(val_latents, self._embed(val_texts))]
+        self.sample_texts = dict(zip(cfg.sample.prompts, self._embed(list(cfg.sample.prompts))))
+        self.dataset_fingerprint = data.fingerprint({**data.settings_dict(), "held_out": held_out})
+        summary = data.summary()
+        self._emit({"type": "dataset", "train": len(self.train_rows), "validation": len(val_rows),
+                    "held_out": held_out, "skipped": summary["skipped"], "buckets": summary["buckets"]})
 
-    def _encode_latents(self, root: Path, samples: list[Sample]) -> dict[str, torch.Tensor]:
-        res = self.cfg.data.resolution
-        cache = EncoderCache(root, "latents", f"{fingerprint(self.cfg.model.vae)}-{res}")
-
-        def compute(missing: list[int]) -> list[dict[str, torch.Tensor]]:
-            return [{"latent": self.family.encode_images(self.vae, load_image(samples[i].path, res)[None])[0]}
-                    for i in missing]
-
-        entries = cache.get_many([s.content_hash for s in samples], compute)
+    def _encode_latents(self, root: Path, data: TrainingData) -> None:
+        """Make sure every record's latent (each flip too) is cached; decoding runs in DataLoader workers."""
+        cache = EncoderCache(root, "latents", fingerprint(self.cfg.model.vae))
         self.latent_cache = cache
-        return {s.content_hash: e["latent"] for s, e in zip(samples, entries)}
+        flips = (False, True) if data.bucket_settings.flip else (False,)
+        specs = [(row, data.latent_spec(row, flip)) for row in range(len(data)) for flip in flips]
+        missing = [(row, spec) for row, spec in specs if not cache.path(spec.key).is_file()]
+        cache.hits += len(specs) - len(missing)
+        cache.misses += len(missing)
+        workers = min(self.cfg.data.workers, len(missing) // IMAGES_PER_WORKER)  # a handful decodes in-process
+        failed: set[int] = set()
+        with torch.no_grad():
+            for done, pixels, bad in decode_batches([s for _, s in missing], ENCODE_BATCH, workers,
+                                                    self.cfg.data.background):
+                failed.update(missing[i][0] for i in bad)
+                if pixels is not None:
+                    for i, latent in zip(done, self.family.encode_images(self.vae, pixels)):
+                        atomic_save_safetensors({"latent": latent}, cache.path(missing[i][1].key))
+        data.drop(sorted(failed), "unreadable image")
 
-    def _encode_texts(self, root: Path, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
+    def _latents(self, specs: list[LatentSpec]) -> list[torch.Tensor]:
+        def vanished(missing: list[int]) -> list[dict[str, torch.Tensor]]:
+            raise DatasetError(f"{specs[missing[0]].path}: its cached latent disappeared from "
+                               f"{self.latent_cache.folder} during the run; reopen the session to rebuild it")
+        return [e["latent"] for e in self.latent_cache.get_many([s.key for s in specs], vanished)]
+
+    def _encode_texts(self, root: Path, prompts: list[str], keep_encoders: bool) -> None:
+        """Cache the embeddings of ``prompts``; keep the encoders loaded only if captions vary per step."""
         m = self.cfg.model
         # bf16 on a GPU (T5-XXL in fp32 needs 19 GB); the dtype changes the embeddings, so it is in the key.
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.text_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         encoder_id = fingerprint_many([m.text_encoder, m.text_encoder_2, m.tokenizer, m.tokenizer_2],
-                                      extra=f"{m.t5_max_length}-{str(dtype).removeprefix('torch.')}")
-        cache = EncoderCache(root, "text", encoder_id)
-        encoders = None
+                                      extra=f"{m.t5_max_length}-{str(self.text_dtype).removeprefix('torch.')}")
+        self.text_cache = EncoderCache(root, "text", encoder_id)
+        self._text_encoders = None
+        for start in range(0, len(prompts), TEXT_CHUNK):  # in chunks: a million embeddings never sit in memory
+            self._embed(prompts[start:start + TEXT_CHUNK])
+        self._text_encoders = self._loaded_text_encoders() if keep_encoders else None
 
-        def compute(missing: list[int]) -> list[dict[str, torch.Tensor]]:
-            nonlocal encoders
-            # Loaded only on a cache miss, and dropped with this closure: no encoder stays resident.
-            if encoders is None:
-                encoders = self.family.load_text_encoders(m, dtype)
-                encoders.clip.to(self.device)
-                encoders.t5.to(self.device)
-            out = []
-            for i in missing:
-                enc = self.family.encode_prompts(encoders, [prompts[i]])
-                out.append({k: v[0] for k, v in enc.items()})
-            return out
+    def _embed(self, texts: list[str], store: bool = True) -> list[dict[str, torch.Tensor]]:
+        """Text embeddings from the cache, encoding the missing ones (stored unless ``store`` is False)."""
+        if not store:
+            return self._run_text_encoders(texts)
+        return self.text_cache.get_many([text_key(t) for t in texts],
+                                        lambda missing: self._run_text_encoders([texts[i] for i in missing]))
 
-        entries = cache.get_many([text_key(p) for p in prompts], compute)
-        self.text_cache = cache
-        return entries
+    def _run_text_encoders(self, texts: list[str]) -> list[dict[str, torch.Tensor]]:
+        encoders = self._text_encoders = self._loaded_text_encoders()
+        with torch.no_grad():
+            return [{k: v[0] for k, v in self.family.encode_prompts(encoders, [t]).items()} for t in texts]
+
+    def _loaded_text_encoders(self):
+        if self._text_encoders is None:  # loaded on the first cache miss only
+            encoders = self.family.load_text_encoders(self.cfg.model, self.text_dtype)
+            encoders.clip.to(self.device)
+            encoders.t5.to(self.device)
+            self._text_encoders = encoders
+        return self._text_encoders
 
     def _load_model(self) -> None:
         cfg = self.cfg
@@ -277,17 +303,16 @@ class Session:
         return record
 
     def _next_batch(self) -> list[Item]:
-        """The next ``batch_size`` items of a seeded shuffle per epoch; O(1) to resume at any position."""
-        n = len(self.train_items)
-        batch = []
-        for _ in range(self.cfg.train.batch_size):
-            epoch, pos = divmod(self.state.samples_seen, n)
-            if self._epoch_order is None or self._epoch_order[0] != epoch:
-                gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
-                self._epoch_order = (epoch, torch.randperm(n, generator=gen))
-            batch.append(self.train_items[int(self._epoch_order[1][pos])])
-            self.state.samples_seen += 1
-        return batch
+        """The next batch of the bucket sampler (one bucket, this rank's share); O(1) to resume anywhere."""
+        ids, where, after = self.sampler.next_batch(SamplerPosition(**self.state.sampler))
+        self.state.sampler = after.to_dict()
+        self.state.samples_seen += len(ids)
+        data, rows = self.data, self.train_rows[ids]
+        specs = [data.latent_spec(r, flip) for r, flip in zip(rows, data.flips(rows, where.epoch))]
+        texts = [data.caption_at(r, where.epoch, where.batch, slot) for slot, r in enumerate(rows)]
+        # Per-step captions are encoded fresh and not stored: they would fill the cache with one-off texts.
+        store = self.cfg.data.caption_variants > 0 or not any(data.varies(r) for r in rows)
+        return [Item(lat, txt) for lat, txt in zip(self._latents(specs), self._embed(texts, store))]
 
     def _loss(self, batch: list[Item], t: torch.Tensor | None = None, noise: torch.Tensor | None = None
               ) -> torch.Tensor:
@@ -443,6 +468,35 @@ class Session:
             self.on_event(event)
 
 
+def training_data(cfg: RunConfig, cache_root: Path | None) -> TrainingData:
+    """The run's dataset index: ``data.images`` (if set) and every ``[[data.sources]]``, bucketed."""
+    d = cfg.data
+    sources = [SourceSettings(path=d.images, caption_extension=d.caption_extension, missing_caption="empty",
+                              captions=d.captions)] if d.images else []
+    return TrainingData.build([*sources, *d.sources], trigger=d.trigger, resolution=d.resolution,
+                              divisor=FAMILIES[cfg.model.family].BUCKET_DIVISOR, buckets=d.buckets,
+                              seed=cfg.train.seed, caption_variants=d.caption_variants, strict=d.strict,
+                              cache_root=cache_root)
+
+
+def split_and_sample(cfg: RunConfig, data: TrainingData) -> tuple[np.ndarray, np.ndarray, BucketBatchSampler]:
+    """(training rows, validation rows, this rank's batch sampler over the training rows)."""
+    held_out = min(cfg.data.validation_images, len(data) - 1)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.train.seed)).numpy()
+    train_rows = np.sort(order[held_out:])
+    val_rows = np.sort(order[:held_out]) if held_out else train_rows[:4]
+    rank, world = _rank_and_world()
+    sampler = BucketBatchSampler(data.bucket_id[train_rows], data.repeats[train_rows], cfg.train.batch_size,
+                                 cfg.train.seed, rank, world)
+    return train_rows, val_rows, sampler
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def _cuda_devices() -> list[int]:
     return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
 
@@ -479,14 +533,6 @@ def _host_rng_states(states: dict[str, list]) -> Iterator[None]:
     finally:
         random.setstate(host[0])
         np.random.set_state(host[1])
-
-
-def dataset_fingerprint(train: list[Sample], data_cfg: DataConfig) -> str:
-    """Identity of what is trained on: each sample's image hash and caption, plus the data settings that
-    shape the batches (folder locations excluded, so a moved dataset still resumes)."""
-    settings = {k: v for k, v in dataclasses.asdict(data_cfg).items() if k not in ("images", "cache_dir")}
-    payload = json.dumps([settings, [(s.content_hash, s.caption) for s in train]], sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def _current_rng_states() -> dict[str, torch.Tensor]:

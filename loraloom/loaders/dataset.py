@@ -1,0 +1,207 @@
+"""The training data of a run: every source indexed, de-duplicated, bucketed, and its captions as read.
+
+:class:`TrainingData` holds one row per record (no pixels, no latents), so a million records cost a few
+hundred MB; the session reads cached latents per batch and the CLI's ``dataset inspect`` prints the same
+captions the model reads at a given step. Which caption text a record gets at a step is a pure function of
+(seed, epoch, record, caption_variants), so resume and inspection agree with training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .buckets import BucketSettings, assign_buckets, crop_offsets, resized_size
+from .captions import Processor, parse_caption, run_chain, split_chain
+from .images import DatasetError
+from .sources import SourceSettings, cached_index
+
+
+@dataclass(frozen=True)
+class LatentSpec:
+    """What one cached latent is: the image content, its bucket, crop and mirror (all part of the key)."""
+    path: str
+    content: str
+    bucket: tuple[int, int]  # (width, height) in pixels
+    resized: tuple[int, int]
+    crop: tuple[int, int]  # (left, top) in the resized image: SDXL's crop conditioning
+    flip: bool
+
+    @property
+    def key(self) -> str:
+        text = f"{self.content}|{self.bucket}|{self.resized}|{self.crop}|{int(self.flip)}"
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+class TrainingData:
+    def __init__(self, table: pa.Table, skipped: Counter, sources: Sequence[SourceSettings], trigger: str,
+                 resolution: int, divisor: int, buckets: BucketSettings, seed: int, caption_variants: int):
+        self.sources = tuple(sources)
+        self.skipped = skipped
+        self.resolution, self.divisor, self.bucket_settings = resolution, divisor, buckets
+        self.seed, self.caption_variants = seed, caption_variants
+        self.chains = [split_chain(s.captions.chain(trigger)) for s in sources]
+        self.natural = [s.captions.format == "text" for s in sources]
+        self._set_table(table)
+
+    @classmethod
+    def build(cls, sources: Sequence[SourceSettings], *, trigger: str = "", resolution: int, divisor: int,
+              buckets: BucketSettings = BucketSettings(), seed: int = 0, caption_variants: int = 0,  # noqa: B008 (frozen)
+              strict: bool = False, cache_root: str | Path | None = None) -> TrainingData:
+        """Index every source (reusing cached indexes), drop duplicates and too-small images, assign buckets.
+
+        ``trigger`` is put in front of every caption that lacks it.
+        """
+        if not sources:
+            raise DatasetError("no dataset: set data.images to a folder of images, or add [[data.sources]]")
+        tables, skipped = [], Counter()
+        for number, source in enumerate(sources):
+            table, skips = cached_index(source, Path(cache_root) if cache_root else None, strict)
+            skipped.update(skips)
+            repeats = pc.multiply(table.column("repeats"), pa.scalar(source.weight, pa.float32()))
+            table = table.set_column(table.schema.get_field_index("repeats"), "repeats", repeats)
+            tables.append(table.append_column("source", pa.array(np.full(table.num_rows, number, np.int16))))
+        table = pa.concat_tables(tables)
+        keep = _first_occurrences(table.column("content"))
+        _count(skipped, "duplicate file", int((~keep).sum()), strict, "the dataset")
+        low = buckets.limits(resolution, divisor)[0] if buckets.enabled else 1
+        width, height = table.column("width").to_numpy(), table.column("height").to_numpy()
+        small = keep & ((width < low) | (height < low))
+        _count(skipped, f"smaller than {low} px", int(small.sum()), strict, "the dataset")
+        usable = keep & ~small
+        table = table if usable.all() else table.filter(pa.array(usable))  # filter copies every column
+        if table.num_rows == 0:
+            names = ", ".join(s.path for s in sources)
+            raise DatasetError(f"{names}: no usable images (skipped: {dict(skipped) or 'none found'}); check the "
+                               "folder holds images Pillow reads, with captions beside them")
+        return cls(table, skipped, sources, trigger, resolution, divisor, buckets, seed, caption_variants)
+
+    def _set_table(self, table: pa.Table) -> None:
+        width, height = table.column("width").to_numpy(), table.column("height").to_numpy()
+        bucket = assign_buckets(width, height, self.resolution, self.divisor, self.bucket_settings)
+        self._set_rows(table, bucket, resized_size(width, height, bucket),
+                       crop_offsets(width, height, bucket, self.bucket_settings.crop, self.seed))
+
+    def _set_rows(self, table: pa.Table, bucket: np.ndarray, resized: np.ndarray, crop: np.ndarray) -> None:
+        self.table, self.bucket, self.resized, self.crop = table, bucket, resized, crop
+        self.paths, self.captions, self.contents = (_one_array(table.column(c)) for c in ("path", "caption",
+                                                                                          "content"))
+        self.source = table.column("source").to_numpy()
+        self.repeats = table.column("repeats").to_numpy()
+        self.bucket_id = np.unique(bucket, axis=0, return_inverse=True)[1].reshape(-1)
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def drop(self, rows: Sequence[int], reason: str) -> None:
+        """Remove records found unusable later (an image that does not decode), counted under ``reason``."""
+        if len(rows):
+            keep = np.ones(len(self), dtype=bool)
+            keep[np.asarray(rows)] = False
+            self.skipped[reason] += len(rows)
+            # Filtered, not recomputed: a kept record's bucket and crop (part of its cache key) never change.
+            self._set_rows(self.table.filter(pa.array(keep)), self.bucket[keep], self.resized[keep], self.crop[keep])
+
+    # ------------------------------------------------------------ latents
+
+    def latent_spec(self, row: int, flip: bool = False) -> LatentSpec:
+        return LatentSpec(self.paths[row].as_py(), self.contents[row].as_py(), tuple(self.bucket[row].tolist()),
+                          tuple(self.resized[row].tolist()), tuple(self.crop[row].tolist()), flip)
+
+    def flips(self, rows: Sequence[int], epoch: int) -> list[bool]:
+        """Whether each record is mirrored in ``epoch`` (always False unless buckets.flip)."""
+        if not self.bucket_settings.flip:
+            return [False] * len(rows)
+        return [random.Random(f"flip:{self.seed}:{epoch}:{r}").random() < 0.5 for r in rows]
+
+    # ------------------------------------------------------------ captions
+
+    def varies(self, row: int) -> bool:
+        """Whether this record's caption changes from step to step (its chain has per-step processors)."""
+        return bool(self.chains[self.source[row]][1])
+
+    def fixed_caption(self, row: int) -> str:
+        """The caption with only the fixed processors: for validation, and all a record has if none vary."""
+        fixed, _ = self.chains[self.source[row]]
+        return self._run(row, fixed, random.Random(0))
+
+    def variant_captions(self, row: int) -> list[str]:
+        """The ``caption_variants`` pre-encodable captions of a varying record (its fixed caption otherwise)."""
+        if not self.varies(row):
+            return [self.fixed_caption(row)]
+        fixed, per_step = self.chains[self.source[row]]
+        return [self._run(row, fixed + per_step, random.Random(f"variant:{self.seed}:{self.contents[row].as_py()}:{v}"))
+                for v in range(self.caption_variants)]
+
+    def caption_at(self, row: int, epoch: int, batch: int, slot: int) -> str:
+        """The caption the model reads for ``row`` at slot ``slot`` of batch ``batch`` of ``epoch``."""
+        if not self.varies(row):
+            return self.fixed_caption(row)
+        if self.caption_variants:
+            choice = random.Random(f"choice:{self.seed}:{epoch}:{row}").randrange(self.caption_variants)
+            return self.variant_captions(row)[choice]
+        fixed, per_step = self.chains[self.source[row]]
+        return self._run(row, fixed + per_step, random.Random(f"step:{self.seed}:{epoch}:{batch}:{slot}"))
+
+    def _run(self, row: int, chain: tuple[Processor, ...], rng: random.Random) -> str:
+        caption = parse_caption(self.captions[row].as_py(), self.natural[self.source[row]])
+        return run_chain(caption, chain, rng).render()
+
+    # ------------------------------------------------------------ reports
+
+    def fingerprint(self, settings: dict) -> str:
+        """Identity of what is trained on: every record's content key, caption and source, and ``settings``."""
+        h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+        for column in ("content", "caption", "source"):
+            for chunk in self.table.column(column).chunks:
+                for buffer in chunk.buffers():
+                    if buffer is not None:
+                        h.update(buffer)
+        return h.hexdigest()
+
+    def summary(self) -> dict:
+        """Images and repeats per source, skips by reason, and the bucket histogram ("WxH": count)."""
+        per_source = []
+        for number, source in enumerate(self.sources):
+            mask = self.source == number
+            per_source.append({"path": source.path, "images": int(mask.sum()),
+                               "appearances_per_epoch": float(self.repeats[mask].sum())})
+        sizes, counts = np.unique(self.bucket, axis=0, return_counts=True)
+        histogram = {f"{w}x{h}": int(c) for (w, h), c in sorted(zip(sizes.tolist(), counts.tolist()),
+                                                               key=lambda x: -x[1])}
+        return {"records": len(self), "sources": per_source, "skipped": dict(self.skipped), "buckets": histogram}
+
+    def settings_dict(self) -> dict:
+        return {"sources": [asdict(s) for s in self.sources], "resolution": self.resolution,
+                "divisor": self.divisor, "buckets": asdict(self.bucket_settings), "seed": self.seed,
+                "caption_variants": self.caption_variants}
+
+
+def _one_array(column: pa.ChunkedArray) -> pa.Array:
+    """Random access in O(1); a single chunk (a memory-mapped cached index) is not copied."""
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+
+def _first_occurrences(keys: pa.ChunkedArray) -> np.ndarray:
+    """True at the first row of each distinct key (in Arrow: no million Python strings)."""
+    rows = pa.table({"key": keys, "row": np.arange(len(keys))})
+    first = rows.group_by("key", use_threads=False).aggregate([("row", "min")]).column("row_min").to_numpy()
+    keep = np.zeros(len(keys), dtype=bool)
+    keep[first] = True
+    return keep
+
+
+def _count(skipped: Counter, reason: str, count: int, strict: bool, where: str) -> None:
+    if count and strict:
+        raise DatasetError(f"{where}: {count} x {reason} (data.strict is on; remove them or turn it off)")
+    if count:
+        skipped[reason] += count
