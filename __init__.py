@@ -1,10 +1,12 @@
 """ComfyUI entry point of the LoRA Loom node pack: ComfyUI imports this folder as a package.
 
-pytest also imports this file, alone, when it collects the tests below it: then there is no package to import
-from and nothing to register.
+pytest imports this file too (the repository root is a package to it) when it sets up the tests below it;
+the nodes are registered only inside ComfyUI, which has imported its ``comfy`` package by then.
 """
 
-if __package__:
+import sys
+
+if __package__ and "comfy" in sys.modules:
     from .loraloom.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
     from .loraloom.nodes.routes import register_routes
 

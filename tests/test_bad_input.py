@@ -31,6 +31,17 @@ def test_pickle_weights_are_refused_unless_opted_in_then_read_as_plain_tensors(t
     assert loaded.keys() == weights.keys() and all(torch.equal(loaded[k], weights[k]) for k in weights)
 
 
+def test_a_run_refuses_a_pickled_base_until_model_allow_pickle_is_set(make_config, tiny_files, tmp_path):
+    pickled = tmp_path / "flux1-tiny.pt"
+    torch.save(load_file(str(tiny_files["transformer"])), pickled)
+    with pytest.raises(ModelFileError, match=r"flux1-tiny\.pt: pickle .*model\.allow_pickle = true"):
+        Session.open(make_config("refused", model={"transformer": str(pickled)}))
+    session = Session.open(make_config("opted-in", model={"transformer": str(pickled), "allow_pickle": True},
+                                       train={"steps": 1}))
+    session.step(1)
+    assert session.state.step == 1
+
+
 class _Payload:
     """What a malicious checkpoint carries: unpickling it runs a command."""
 

@@ -181,7 +181,9 @@ class TrainingData:
         return {"records": len(self), "sources": per_source, "skipped": dict(self.skipped), "buckets": histogram}
 
     def settings_dict(self) -> dict:
-        return {"sources": [asdict(s) for s in self.sources], "resolution": self.resolution,
+        """The settings that shape the batches; folder locations left out, so a moved dataset still resumes."""
+        sources = [{k: v for k, v in asdict(s).items() if k not in ("path", "image_root")} for s in self.sources]
+        return {"sources": sources, "resolution": self.resolution,
                 "divisor": self.divisor, "buckets": asdict(self.bucket_settings), "seed": self.seed,
                 "caption_variants": self.caption_variants}
 

@@ -47,7 +47,7 @@ def read_safetensors(paths: Iterable[Path], what: str, allow_pickle: bool = Fals
         if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
             raise ModelFileError(f"{path}: pickle checkpoints are not loaded by default (they can run code). "
                                  f"Convert it to .safetensors, use a .safetensors release of {what}, or opt in "
-                                 "to loading it as plain tensors (weights_only).")
+                                 "to loading it as plain tensors (weights_only; config: model.allow_pickle = true).")
         if not path.is_file():
             raise ModelFileError(f"{path}: file not found (expected {what})")
         if path.suffix in PICKLE_SUFFIXES:

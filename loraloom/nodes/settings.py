@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..loaders.images import index_folder
-from ..training.config import AdapterConfig, ConfigError, DataConfig, ModelConfig, OptimizerConfig
+from ..training.config import AdapterConfig, ConfigError, DataConfig, ModelConfig, OptimizerConfig, RunConfig
+from ..training.session import describe_dataset
 from . import host
 from .widgets import CATEGORY, widget
 
@@ -88,12 +88,10 @@ class DatasetFolder:
         if not path.is_dir():
             raise ConfigError(f"dataset folder {path} does not exist: give an absolute path, or a folder inside "
                               "ComfyUI's input folder")
-        index = index_folder(path, caption_extension, trigger)
-        captions = [f"{s.path.name}: {s.caption}" for s in index.samples[: self.PREVIEW_CAPTIONS]]
-        summary = f"{len(index.samples)} images, {sum(index.skipped.values())} skipped"
         data = DataConfig(images=str(path), caption_extension=caption_extension, resolution=resolution,
                           trigger=trigger, validation_images=validation_images)
-        return data, "\n".join([summary, *captions])
+        # The engine's own preview (what `loraloom dataset inspect` prints): no index cache, no image decoded.
+        return data, "\n".join(describe_dataset(RunConfig(data=data), None, self.PREVIEW_CAPTIONS))
 
 
 class AdapterSettings:

@@ -45,7 +45,7 @@ def train_in_worker(cfg: RunConfig, schedule, report: ProgressReport, on_step: C
         answer, stopped = _relay(worker, report, on_step, stop_requested)
     if "cancelled" in answer or (stopped and not answer):  # stopped before its first step: nothing to save
         return None
-    if worker.returncode != 0 or not answer:
+    if "result" not in answer:  # a result counts even if a late SIGTERM met the worker's interpreter shutdown
         tail = (run_dir / LOG_FILE).read_text(encoding="utf-8", errors="replace")[-2000:]
         raise RuntimeError(f"the training worker exited with code {worker.returncode}; "
                            f"its log ({run_dir / LOG_FILE}) ends with:\n{tail}")
@@ -62,12 +62,13 @@ def _relay(worker: subprocess.Popen, report: ProgressReport, on_step: Callable[[
     answer: dict[str, Any] = {}
     stopping = False
     while True:
+        # Checked before every line too: a busy worker's stream must not hide a Cancel.
+        if not stopping and not answer and stop_requested():
+            worker.send_signal(signal.SIGTERM)
+            stopping = True
         try:
             line = lines.get(timeout=POLL_SECONDS)
         except queue.Empty:
-            if not stopping and stop_requested():
-                worker.send_signal(signal.SIGTERM)
-                stopping = True
             continue
         if line is None:
             break

@@ -55,37 +55,13 @@ def _print_event(event: dict) -> None:
 
 def _inspect(args: argparse.Namespace) -> int:
     """The dataset as the run will see it: sources, skips, buckets, and captions as the model reads them."""
-    from ..loaders.sampler import SamplerPosition
-    from .session import split_and_sample, training_data
+    from .session import describe_dataset
 
     cfg = load_config(args.config, args.set, check_paths=False)
     if args.seed is not None:
         cfg = replace(cfg, train=replace(cfg.train, seed=args.seed))
     cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.output.run_dir).parent / "cache"
-    data = training_data(cfg, cache_root)
-    train_rows, val_rows, sampler = split_and_sample(cfg, data)
-    summary = data.summary()
-    print(f"{summary['records']} images: {len(train_rows)} for training, {len(val_rows)} for validation")
-    for source in summary["sources"]:
-        print(f"  {source['path']}: {source['images']} images, {source['appearances_per_epoch']:g} per epoch "
-              "with repeats")
-    skipped = summary["skipped"]
-    print("skipped: " + (", ".join(f"{reason} {count}" for reason, count in skipped.items()) or "none"))
-    print("buckets: " + ", ".join(f"{size} {count}" for size, count in summary["buckets"].items()))
-    print(f"captions from step {args.step} (seed {cfg.train.seed}), as the text encoder reads them:")
-    position, shown, batches_per_step = SamplerPosition(), 0, cfg.train.gradient_accumulation
-    for _ in range(args.step * batches_per_step):  # cheap: no image is read
-        position = sampler.next_batch(position)[2]
-    while shown < args.samples:
-        ids, where, position = sampler.next_batch(position)
-        for slot, row in enumerate(train_rows[ids]):
-            if shown == args.samples:
-                break
-            w, h = data.bucket[row]
-            caption = data.caption_at(row, where.epoch, where.batch, slot)
-            print(f"  epoch {where.epoch} batch {where.batch} [{w}x{h}] {Path(data.paths[row].as_py()).name}: "
-                  f"{caption!r}")
-            shown += 1
+    print("\n".join(describe_dataset(cfg, cache_root, args.samples, args.step)))
     return 0
 
 

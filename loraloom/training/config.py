@@ -61,6 +61,11 @@ class ModelConfig:
         False,
     )
     t5_max_length: int = doc("T5 tokens per caption (Flux-dev uses 512, schnell 256).", 512)
+    allow_pickle: bool = doc(
+        "Also read .ckpt/.pt/.pth/.bin model files. Off: only .safetensors load, since a pickle can run code. "
+        "On: they are read with torch.load(weights_only=True), which refuses anything but tensors.",
+        False,
+    )
 
 
 @dataclass(frozen=True)

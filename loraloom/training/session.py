@@ -126,7 +126,7 @@ class Session:
         cfg = self.cfg
         cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.run_dir.parent / "cache"
         self.data = data = training_data(cfg, cache_root)
-        self.vae = self.family.load_vae(cfg.model.vae).to(self.device)
+        self.vae = self.family.load_vae(cfg.model.vae, allow_pickle=cfg.model.allow_pickle).to(self.device)
         self._encode_latents(cache_root, data)  # drops images that do not decode, before the first step
         self.train_rows, val_rows, self.sampler = split_and_sample(cfg, data)
         held_out = len(val_rows) if cfg.data.validation_images else 0
@@ -207,7 +207,8 @@ class Session:
         cfg = self.cfg
         precision = cfg.model.base_precision
         storage = self.compute_dtype if precision in ("auto", "fp8") else DTYPES[precision]
-        model = self.family.load_transformer(cfg.model.transformer, storage, fp8_storage=precision in ("auto", "fp8"))
+        model = self.family.load_transformer(cfg.model.transformer, storage, fp8_storage=precision in ("auto", "fp8"),
+                                             allow_pickle=cfg.model.allow_pickle)
         self.adapted_modules = adapters.add_lora(
             model, self.family.LORA_TARGETS[cfg.adapter.targets], cfg.adapter.rank, cfg.adapter.alpha,
             cfg.adapter.dropout, cfg.adapter.init_seed)
@@ -489,6 +490,36 @@ def split_and_sample(cfg: RunConfig, data: TrainingData) -> tuple[np.ndarray, np
     sampler = BucketBatchSampler(data.bucket_id[train_rows], data.repeats[train_rows], cfg.train.batch_size,
                                  cfg.train.seed, rank, world)
     return train_rows, val_rows, sampler
+
+
+def describe_dataset(cfg: RunConfig, cache_root: Path | None, samples: int = 8, step: int = 0) -> list[str]:
+    """The index summary and ``samples`` captions from ``step`` on, exactly as the text encoder reads them.
+
+    No image is decoded: a user checks sources, skips, buckets and the tag pipeline before training.
+    """
+    data = training_data(cfg, cache_root)
+    train_rows, val_rows, sampler = split_and_sample(cfg, data)
+    summary = data.summary()
+    lines = [f"{summary['records']} images: {len(train_rows)} for training, {len(val_rows)} for validation"]
+    lines += [f"  {s['path']}: {s['images']} images, {s['appearances_per_epoch']:g} per epoch with repeats"
+              for s in summary["sources"]]
+    skipped = summary["skipped"]
+    lines.append("skipped: " + (", ".join(f"{reason} {count}" for reason, count in skipped.items()) or "none"))
+    lines.append("buckets: " + ", ".join(f"{size} {count}" for size, count in summary["buckets"].items()))
+    lines.append(f"captions from step {step} (seed {cfg.train.seed}), as the text encoder reads them:")
+    position = SamplerPosition()
+    for _ in range(step * cfg.train.gradient_accumulation):  # cheap: no image is read
+        position = sampler.next_batch(position)[2]
+    shown = 0
+    while shown < min(samples, len(train_rows)):
+        ids, where, position = sampler.next_batch(position)
+        for slot, row in enumerate(train_rows[ids][: samples - shown]):
+            w, h = data.bucket[row]
+            caption = data.caption_at(row, where.epoch, where.batch, slot)
+            lines.append(f"  epoch {where.epoch} batch {where.batch} [{w}x{h}] "
+                         f"{Path(data.paths[row].as_py()).name}: {caption!r}")
+            shown += 1
+    return lines
 
 
 def _rank_and_world() -> tuple[int, int]:

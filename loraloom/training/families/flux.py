@@ -90,7 +90,8 @@ def _count_blocks(sd: dict, prefix: str) -> int:
     return max(ids) + 1 if ids else 0
 
 
-def load_transformer(path: str | Path, compute_dtype: torch.dtype, fp8_storage: bool) -> FluxTransformer2DModel:
+def load_transformer(path: str | Path, compute_dtype: torch.dtype, fp8_storage: bool, allow_pickle: bool = False
+                     ) -> FluxTransformer2DModel:
     """A Flux transformer from a BFL/ComfyUI single file, a diffusers-keyed file, or a diffusers folder.
 
     fp8 tensors stay fp8 (linear weights); everything else is stored in ``compute_dtype``. Layerwise
@@ -98,9 +99,9 @@ def load_transformer(path: str | Path, compute_dtype: torch.dtype, fp8_storage: 
     """
     path = Path(path)
     if path.is_dir():
-        config, sd = read_diffusers_folder(path, "transformer", "the Flux transformer")
+        config, sd = read_diffusers_folder(path, "transformer", "the Flux transformer", allow_pickle)
     else:
-        sd = strip_prefix(read_safetensors([path], what="the Flux transformer"),
+        sd = strip_prefix(read_safetensors([path], what="the Flux transformer", allow_pickle=allow_pickle),
                           ("model.diffusion_model.", "diffusion_model."))
         if BFL_MARKER in sd:
             config = transformer_config_from_bfl(sd)
@@ -120,7 +121,8 @@ def load_transformer(path: str | Path, compute_dtype: torch.dtype, fp8_storage: 
     return model.requires_grad_(False).eval()
 
 
-def read_diffusers_folder(path: Path, subfolder: str, what: str) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_diffusers_folder(path: Path, subfolder: str, what: str, allow_pickle: bool = False
+                          ) -> tuple[dict, dict[str, torch.Tensor]]:
     """Constructor arguments and weights of a diffusers model folder (the pipeline root or the subfolder)."""
     folder = path / subfolder if (path / subfolder / "config.json").is_file() else path
     try:
@@ -128,7 +130,7 @@ def read_diffusers_folder(path: Path, subfolder: str, what: str) -> tuple[dict, 
     except (OSError, ValueError) as e:
         raise ModelFileError(f"{folder}: no readable config.json ({e}); expected a diffusers folder with "
                              f"{what} (or its {subfolder}/ subfolder)") from None
-    weights = read_safetensors(find_weights(folder), what=what)
+    weights = read_safetensors(find_weights(folder, allow_pickle), what=what, allow_pickle=allow_pickle)
     return {k: v for k, v in config.items() if not k.startswith("_")}, weights
 
 
@@ -165,13 +167,14 @@ def _assign(model: torch.nn.Module, sd: dict[str, torch.Tensor], compute_dtype: 
 # ---------------------------------------------------------------- VAE
 
 
-def load_vae(path: str | Path, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, allow_pickle: bool = False) -> AutoencoderKL:
     """The Flux VAE from ``ae.safetensors`` (BFL/LDM keys), a diffusers-keyed file or a diffusers folder."""
     path = Path(path)
     if path.is_dir():
-        config, sd = read_diffusers_folder(path, "vae", "the Flux VAE")
+        config, sd = read_diffusers_folder(path, "vae", "the Flux VAE", allow_pickle)
     else:
-        sd = strip_prefix(read_safetensors([path], what="the Flux VAE"), ("vae.", "first_stage_model."))
+        sd = strip_prefix(read_safetensors([path], what="the Flux VAE", allow_pickle=allow_pickle),
+                          ("vae.", "first_stage_model."))
         if "encoder.conv_in.weight" not in sd or "decoder.conv_out.weight" not in sd:
             raise ModelFileError(f"{path} is not a VAE: expected keys 'encoder.conv_in.weight' and "
                                  f"'decoder.conv_out.weight'. Check model.vae points at ae.safetensors.")
@@ -234,9 +237,9 @@ def load_text_encoders(cfg: ModelConfig, dtype: torch.dtype) -> TextEncoders:
     t5_tok = _load_tokenizer(cfg.tokenizer_2, cfg.text_encoder_2, "tokenizer_2", "model.tokenizer_2",
                              "ComfyUI/comfy/text_encoders/t5_tokenizer")
     clip = _load_hf_encoder(cfg.text_encoder, "text_encoder", CLIPTextModel, _clip_config, clip_tok, dtype,
-                            marker="embeddings.token_embedding.weight")
+                            marker="embeddings.token_embedding.weight", allow_pickle=cfg.allow_pickle)
     t5 = _load_hf_encoder(cfg.text_encoder_2, "text_encoder_2", T5EncoderModel, _t5_config, t5_tok, dtype,
-                          marker="shared.weight")
+                          marker="shared.weight", allow_pickle=cfg.allow_pickle)
     return TextEncoders(clip, clip_tok, t5, t5_tok, cfg.t5_max_length)
 
 
@@ -258,13 +261,15 @@ def _load_tokenizer(explicit: str, encoder_path: str, sibling: str, key: str, hi
 CLIP_FILE_PREFIX = "text_model."
 
 
-def _load_hf_encoder(path: str, subfolder: str, cls, config_fn, tokenizer, dtype, marker: str):
+def _load_hf_encoder(path: str, subfolder: str, cls, config_fn, tokenizer, dtype, marker: str, allow_pickle: bool):
     p = Path(path)
     if p.is_dir():
         folder = p / subfolder if (p / subfolder / "config.json").exists() else p
-        model = cls.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+        # use_safetensors: transformers would otherwise fall back to a pickled pytorch_model.bin.
+        model = cls.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True,
+                                    use_safetensors=not allow_pickle)
         return model.requires_grad_(False).eval()
-    sd = strip_prefix(read_safetensors([p], what=f"the {cls.__name__}"),
+    sd = strip_prefix(read_safetensors([p], what=f"the {cls.__name__}", allow_pickle=allow_pickle),
                       ("text_encoders.clip_l.transformer.", "text_encoders.t5xxl.transformer."))
     sd = strip_prefix(sd, (CLIP_FILE_PREFIX,))
     if marker not in sd:
