@@ -190,8 +190,9 @@ def test_dataset_node_previews_captions_and_finds_relative_folders(comfy, shapes
     data, preview = DatasetFolder().build("shapes", ".txt", "zwx", 64, 1)
     assert data.images == str(tmp_path / "input" / "shapes")
     lines = preview.splitlines()
-    assert lines[0] == "8 images, 0 skipped" and len(lines) == 1 + DatasetFolder.PREVIEW_CAPTIONS
-    assert all("zwx" in line for line in lines[1:])
+    assert lines[0] == "8 images: 7 for training, 1 for validation" and "skipped: none" in lines
+    captions = [line for line in lines if line.startswith("  epoch ")]
+    assert len(captions) == DatasetFolder.PREVIEW_CAPTIONS and all("zwx" in line for line in captions)
     with pytest.raises(ConfigError, match="nowhere"):
         DatasetFolder().build("nowhere", ".txt", "", 64, 1)
 
