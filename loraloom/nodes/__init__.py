@@ -4,15 +4,21 @@
 from __future__ import annotations
 
 from .adapter import ApplyTrainedAdapter, ExportAdapter
+from .captions import CaptionAffixes, CaptionFormat, CaptionShuffle, CaptionTags
 from .encode import EncodePrompt
 from .images import LossGraph, SideBySide
-from .settings import AdapterSettings, DatasetFolder, ModelForTraining, OptimizerSettings
+from .settings import AdapterSettings, DatasetFolder, DatasetMetadata, ModelForTraining, OptimizerSettings
 from .train import TrainSteps
 
 # id -> (class, display name). Ids carry the LoraLoom prefix: ComfyUI silently drops a node whose id clashes.
 NODES = {
     "LoraLoomModel": (ModelForTraining, "Model for training"),
     "LoraLoomDatasetFolder": (DatasetFolder, "Dataset (folder)"),
+    "LoraLoomDatasetMetadata": (DatasetMetadata, "Dataset (metadata file)"),
+    "LoraLoomCaptionTags": (CaptionTags, "Caption tags (normalise)"),
+    "LoraLoomCaptionShuffle": (CaptionShuffle, "Caption shuffle / dropout"),
+    "LoraLoomCaptionAffixes": (CaptionAffixes, "Caption prefix / suffix"),
+    "LoraLoomCaptionFormat": (CaptionFormat, "Caption format"),
     "LoraLoomAdapter": (AdapterSettings, "Adapter settings (LoRA)"),
     "LoraLoomOptimizer": (OptimizerSettings, "Optimizer settings"),
     "LoraLoomTrainSteps": (TrainSteps, "Train steps"),

@@ -5,8 +5,11 @@ Each returns one of the engine's frozen config sections; the Train steps node pu
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+from ..loaders.captions import CaptionSettings
+from ..loaders.sources import SourceSettings
 from ..training.config import AdapterConfig, ConfigError, DataConfig, ModelConfig, OptimizerConfig, RunConfig
 from ..training.session import describe_dataset
 from . import host
@@ -78,20 +81,82 @@ class DatasetFolder:
             "trigger": widget(DataConfig, "trigger"),
             "resolution": widget(DataConfig, "resolution", min=16, max=4096, step=16),
             "validation_images": widget(DataConfig, "validation_images", min=0, max=10000),
-        }}
+        }, "optional": {"captions": _CAPTIONS_INPUT}}
 
-    def build(self, folder: str, caption_extension: str, trigger: str, resolution: int, validation_images: int
-              ) -> tuple[DataConfig, str]:
-        path = Path(folder).expanduser()
-        if not path.is_absolute():
-            path = host.input_dir() / path
+    def build(self, folder: str, caption_extension: str, trigger: str, resolution: int, validation_images: int,
+              captions: CaptionSettings | None = None) -> tuple[DataConfig, str]:
+        path = _input_path(folder)
         if not path.is_dir():
             raise ConfigError(f"dataset folder {path} does not exist: give an absolute path, or a folder inside "
                               "ComfyUI's input folder")
         data = DataConfig(images=str(path), caption_extension=caption_extension, resolution=resolution,
-                          trigger=trigger, validation_images=validation_images)
-        # The engine's own preview (what `loraloom dataset inspect` prints): no index cache, no image decoded.
-        return data, "\n".join(describe_dataset(RunConfig(data=data), None, self.PREVIEW_CAPTIONS))
+                          trigger=trigger, validation_images=validation_images,
+                          captions=captions or CaptionSettings())
+        return data, _preview(data, self.PREVIEW_CAPTIONS)
+
+
+class DatasetMetadata:
+    """A JSONL / CSV / Parquet file with one record per image (path and caption columns, or booru fields)."""
+
+    DESCRIPTION = ("Images listed in a metadata file (.jsonl, .csv, .parquet) with a path column and caption "
+                   "columns or booru fields. A relative file is looked up in ComfyUI's input folder.")
+    CATEGORY = f"{CATEGORY}/data"
+    RETURN_TYPES = ("LORALOOM_DATASET", "STRING")
+    RETURN_NAMES = ("dataset", "caption_preview")
+    FUNCTION = "build"
+    PREVIEW_CAPTIONS = 5
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "metadata_file": ("STRING", {"default": "", "tooltip": (
+                "A .jsonl, .csv or .parquet file with one record per image; relative: inside ComfyUI's input "
+                "folder.")}),
+            "path_column": widget(SourceSettings, "path_column"),
+            "caption_columns": ("STRING", {"default": ", ".join(SourceSettings().caption_columns), "tooltip": (
+                f"{_source_doc('caption_columns')} Comma-separated.")}),
+            "booru": widget(SourceSettings, "booru"),
+            "image_root": widget(SourceSettings, "image_root"),
+            "repeats": widget(SourceSettings, "repeats", min=1, max=10000),
+            "trigger": widget(DataConfig, "trigger"),
+            "resolution": widget(DataConfig, "resolution", min=16, max=4096, step=16),
+            "validation_images": widget(DataConfig, "validation_images", min=0, max=10000),
+        }, "optional": {"captions": _CAPTIONS_INPUT}}
+
+    def build(self, metadata_file: str, path_column: str, caption_columns: str, booru: bool, image_root: str,
+              repeats: int, trigger: str, resolution: int, validation_images: int,
+              captions: CaptionSettings | None = None) -> tuple[DataConfig, str]:
+        path = _input_path(metadata_file)
+        if not path.is_file():
+            raise ConfigError(f"metadata file {path} does not exist: give an absolute path, or a file inside "
+                              "ComfyUI's input folder")
+        root = str(_input_path(image_root)) if image_root else ""
+        source = SourceSettings(path=str(path), repeats=repeats, booru=booru, image_root=root,
+                                path_column=path_column,
+                                caption_columns=tuple(c.strip() for c in caption_columns.split(",") if c.strip()),
+                                captions=captions or CaptionSettings())
+        data = DataConfig(images="", sources=(source,), trigger=trigger, resolution=resolution,
+                          validation_images=validation_images)
+        return data, _preview(data, self.PREVIEW_CAPTIONS)
+
+
+_CAPTIONS_INPUT = ("LORALOOM_CAPTIONS", {"tooltip": "Caption processors (the LoRA Loom caption nodes); the "
+                                         "preview shows the captions after them."})
+
+
+def _source_doc(name: str) -> str:
+    return {f.name: f for f in dataclasses.fields(SourceSettings)}[name].metadata["doc"]
+
+
+def _input_path(name: str) -> Path:
+    """An absolute path as given; a relative one inside ComfyUI's input folder."""
+    path = Path(name.strip()).expanduser()
+    return path if path.is_absolute() else host.input_dir() / path
+
+
+def _preview(data: DataConfig, samples: int) -> str:
+    # The engine's own preview (what `loraloom dataset inspect` prints): no index cache, no image decoded.
+    return "\n".join(describe_dataset(RunConfig(data=data), None, samples))
 
 
 class AdapterSettings:
