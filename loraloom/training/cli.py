@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train a tiny model on generated data and show the result")
     demo.add_argument("--prepare", type=Path, help="only write models, data and config into this folder")
     demo.add_argument("--out", type=Path, default=Path("loraloom-demo"), help="demo folder (default ./loraloom-demo)")
-    demo.add_argument("--steps", type=int, default=600, help="LoRA training steps")
+    demo.add_argument("--steps", type=int, default=1200, help="LoRA training steps")
     demo.add_argument("--vae-steps", type=int, default=300, help="steps fitting the tiny VAE to the pictures")
     demo.add_argument("--base-steps", type=int, default=600, help="steps pre-training the tiny base model")
     demo.set_defaults(func=_demo)

@@ -31,7 +31,7 @@ BASE_CAPTION = "a shape"  # the demo base's only caption: it learns shapes of ev
 CONFIG_NAME = "demo.toml"
 
 
-def demo_config(steps: int = 600) -> RunConfig:
+def demo_config(steps: int = 1200) -> RunConfig:
     """The demo's settings; relative paths are relative to the prepared folder."""
     cfg = RunConfig()
     return replace(
@@ -49,7 +49,7 @@ def demo_config(steps: int = 600) -> RunConfig:
     )
 
 
-def prepare(folder: str | Path, images: int = 16, steps: int = 600, vae_steps: int = 300, base_steps: int = 600,
+def prepare(folder: str | Path, images: int = 16, steps: int = 1200, vae_steps: int = 300, base_steps: int = 600,
             seed: int = 0) -> Path:
     """Write the demo's models, dataset and config into ``folder``; returns the config path."""
     folder = Path(folder)
