@@ -126,6 +126,24 @@ def test_resume_refuses_a_changed_dataset_or_a_swapped_base_file(make_config, sh
         Session.open(make())
 
 
+def test_model_files_are_compared_by_content_not_by_path(make_config, tiny_files, tmp_path):
+    models = tiny_files["transformer"].parent
+    names = ("transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")
+
+    def model_paths(root: Path) -> dict[str, str]:
+        return {name: str(root / tiny_files[name].relative_to(models)) for name in names}
+
+    home = tmp_path / "home"
+    shutil.copytree(models, home)
+    Session.open(make_config(model=model_paths(home), train={"steps": 2})).run()
+    moved = tmp_path / "moved"
+    home.rename(moved)  # the same models elsewhere (a run folder copied with its models) resume
+    assert Session.open(make_config(model=model_paths(moved), train={"steps": 3})).state.step == 2
+    other_vae = {**model_paths(moved), "vae": str(tiny_files["diffusers"] / "vae")}  # another file: refused
+    with pytest.raises(ConfigError, match=r"model\.vae: the content changed since the checkpoint"):
+        Session.open(make_config(model=other_vae, train={"steps": 3}))
+
+
 def test_cancel_mid_step_then_checkpoint_resumes_exactly(make_config):
     """ComfyUI Cancel raises inside a step; the step is undone, so a checkpoint taken then is exact."""
     run = {"train": {"steps": 4, "gradient_accumulation": 2}, "adapter": {"dropout": 0.1}}
@@ -166,7 +184,9 @@ def test_checkpoint_records_every_rng_and_the_content_fingerprints(make_config):
             "config.json", "fingerprints.json"} <= files.keys()
     host = json.loads(files["host_rng.json"])
     assert host.keys() == {"python", "numpy"}
-    assert json.loads(files["fingerprints.json"]).keys() == {"model.transformer", "data.images"}
+    assert json.loads(files["fingerprints.json"]).keys() == {
+        "model.transformer", "model.text_encoder", "model.text_encoder_2", "model.tokenizer", "model.tokenizer_2",
+        "model.vae", "data.images"}
 
 
 def test_python_and_numpy_randomness_inside_a_step_resumes_exactly_and_leaves_the_callers_alone(make_config):

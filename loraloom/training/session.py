@@ -51,12 +51,15 @@ VALIDATION_TIMESTEPS = 4
 ENCODE_BATCH = 8  # images per VAE call while building the latent cache
 IMAGES_PER_WORKER = 32  # fewer missing latents than this per worker decode in-process (no start-up cost)
 TEXT_CHUNK = 256  # captions per cache pass at start-up
+# Model files are compared by content (fingerprints.json), so a run folder moved with its models resumes.
+MODEL_FILES = ("transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")
 # Keys a resume may change: they do not alter what the next step computes. Any other changed key (base
 # model, adapter shape, batch size, lr, data settings, including keys added later) refuses the resume.
 CHANGEABLE_ON_RESUME = ("train.steps", "train.checkpoint_every", "train.keep_checkpoints",
                         "train.keep_checkpoint_every", "train.nonfinite_patience", "train.validate_every",
                         "train.log_every", "train.gradient_checkpointing", "model.guidance_distilled",
-                        "data.images", "data.cache_dir", "data.workers", "sample.", "output.")
+                        "data.images", "data.cache_dir", "data.workers", "sample.", "output.",
+                        *(f"model.{name}" for name in MODEL_FILES))
 
 
 class NonFiniteError(ValueError):
@@ -219,7 +222,9 @@ class Session:
         self.transformer = model.to(self.device)
         self.params = adapters.trainable_parameters(model)
         self.optimizer, self.scheduler = make_optimizer(self.params, cfg.optimizer, cfg.train.steps)
-        self.base_fingerprint = fingerprint(cfg.model.transformer)
+        self.model_fingerprints = {f"model.{name}": fingerprint(path) for name in MODEL_FILES
+                                   if (path := getattr(cfg.model, name))}
+        self.base_fingerprint = self.model_fingerprints["model.transformer"]
 
     # ------------------------------------------------------------ training
 
@@ -405,7 +410,7 @@ class Session:
             "state.json": json.dumps(dataclasses.asdict(self.state)).encode(),
             "config.toml": to_toml(self.cfg, comments=False).encode(),
             "config.json": json.dumps(self.cfg.to_dict()).encode(),
-            "fingerprints.json": json.dumps({"model.transformer": self.base_fingerprint,
+            "fingerprints.json": json.dumps({**self.model_fingerprints,
                                              "data.images": self.dataset_fingerprint}).encode(),
         }
         train = self.cfg.train
@@ -440,13 +445,14 @@ class Session:
                     f"resuming would train something else. Restore it, or use a new output.run_dir.")
 
     def _check_fingerprints(self, saved: dict[str, str], folder: Path) -> None:
-        """Same paths, different content: a swapped base model or edited images/captions."""
-        current = {"model.transformer": self.base_fingerprint, "data.images": self.dataset_fingerprint}
-        for key, value in saved.items():
-            if current[key] != value:
+        """Different content, at the same path or another: a swapped model file or edited images/captions."""
+        current = {**self.model_fingerprints, "data.images": self.dataset_fingerprint}
+        for key in sorted(saved.keys() | current.keys() if saved else ()):  # a file added or dropped counts too
+            value = saved.get(key, "none")
+            if current.get(key, "none") != value:
                 raise ConfigError(
                     f"{key}: the content changed since the checkpoint {folder} (fingerprint {value} -> "
-                    f"{current[key]}; a different base model file, or images/captions added, removed or "
+                    f"{current.get(key, 'none')}; a different model file, or images/captions added, removed or "
                     f"edited). Restore it, or use a new output.run_dir to train on the new content.")
 
     def export(self, path: str | Path | None = None, dtype: str = "bf16") -> Path:
