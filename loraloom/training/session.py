@@ -130,6 +130,10 @@ class Session:
         cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.run_dir.parent / "cache"
         self.data = data = training_data(cfg, cache_root)
         self.vae = self.family.load_vae(cfg.model.vae, allow_pickle=cfg.model.allow_pickle).to(self.device)
+        # Read once, each after its file loaded (or before, for the lazily loaded text encoders): the encoder
+        # caches are keyed by them and checkpoints compare them on resume.
+        self.model_fingerprints = {f"model.{name}": fingerprint(path) for name in MODEL_FILES[1:]
+                                   if (path := getattr(cfg.model, name))}
         self._encode_latents(cache_root, data)  # drops images that do not decode, before the first step
         self.train_rows, val_rows, self.sampler = split_and_sample(cfg, data)
         held_out = len(val_rows) if cfg.data.validation_images else 0
@@ -149,7 +153,7 @@ class Session:
 
     def _encode_latents(self, root: Path, data: TrainingData) -> None:
         """Make sure every record's latent (each flip too) is cached; decoding runs in DataLoader workers."""
-        cache = EncoderCache(root, "latents", fingerprint(self.cfg.model.vae))
+        cache = EncoderCache(root, "latents", self.model_fingerprints["model.vae"])
         self.latent_cache = cache
         flips = (False, True) if data.bucket_settings.flip else (False,)
         specs = [(row, data.latent_spec(row, flip)) for row in range(len(data)) for flip in flips]
@@ -178,8 +182,9 @@ class Session:
         m = self.cfg.model
         # bf16 on a GPU (T5-XXL in fp32 needs 19 GB); the dtype changes the embeddings, so it is in the key.
         self.text_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        encoder_id = fingerprint_many([m.text_encoder, m.text_encoder_2, m.tokenizer, m.tokenizer_2],
-                                      extra=f"{m.t5_max_length}-{str(self.text_dtype).removeprefix('torch.')}")
+        files = [self.model_fingerprints.get(f"model.{name}", "")[:8]
+                 for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")]
+        encoder_id = "-".join([*filter(None, files), str(m.t5_max_length), str(self.text_dtype).removeprefix("torch.")])
         self.text_cache = EncoderCache(root, "text", encoder_id)
         self._text_encoders = None
         for start in range(0, len(prompts), TEXT_CHUNK):  # in chunks: a million embeddings never sit in memory
@@ -222,9 +227,7 @@ class Session:
         self.transformer = model.to(self.device)
         self.params = adapters.trainable_parameters(model)
         self.optimizer, self.scheduler = make_optimizer(self.params, cfg.optimizer, cfg.train.steps)
-        self.model_fingerprints = {f"model.{name}": fingerprint(path) for name in MODEL_FILES
-                                   if (path := getattr(cfg.model, name))}
-        self.base_fingerprint = self.model_fingerprints["model.transformer"]
+        self.base_fingerprint = self.model_fingerprints["model.transformer"] = fingerprint(cfg.model.transformer)
 
     # ------------------------------------------------------------ training
 
@@ -597,10 +600,6 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-def fingerprint_many(paths: list[str], extra: str = "") -> str:
-    return "-".join(fingerprint(p)[:8] for p in paths if p) + (f"-{extra}" if extra else "")
 
 
 def peak_memory_mb(device: torch.device) -> float:
