@@ -42,7 +42,7 @@ class Caption(NamedTuple):  # a NamedTuple, not a dataclass: built ~7 times per 
         return Caption(fn(self.head), fn(self.body), fn(self.tail), False, self.alternatives)
 
 
-def _split_tags(text: str) -> tuple[str, ...]:
+def split_tags(text: str) -> tuple[str, ...]:
     return tuple([t for t in map(str.strip, text.split(",")) if t])
 
 
@@ -53,8 +53,8 @@ def _parse_line(line: str, natural: bool) -> Caption:
     if len(parts) > 3:
         raise ValueError(f"at most two '{SECTION_SEPARATOR}' separators (kept ||| shuffled ||| kept), got {line!r}")
     if len(parts) == 1:
-        return Caption(body=_split_tags(parts[0]))
-    return Caption(*(_split_tags(p) for p in parts))
+        return Caption(body=split_tags(parts[0]))
+    return Caption(*(split_tags(p) for p in parts))
 
 
 def parse_caption(text: str, natural: bool = False) -> Caption:

@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..loaders.captions import CaptionSettings
+from ..loaders.captions import CaptionSettings, split_tags
 from ..training.config import ConfigError
-from .widgets import CATEGORY, widget
+from .widgets import CATEGORY, field_doc, widget
 
 SOCKET = "LORALOOM_CAPTIONS"
 _UPSTREAM = {"captions": (SOCKET, {"tooltip": "Caption settings from another caption node; their fields are "
                                    "kept and this node's fields are set on top."})}
-
-
-def _doc(name: str) -> str:
-    return {f.name: f for f in dataclasses.fields(CaptionSettings)}[name].metadata["doc"]
 
 
 def _updated(captions: CaptionSettings | None, **fields) -> tuple[CaptionSettings]:
@@ -38,10 +34,6 @@ def parse_replacements(text: str) -> tuple[tuple[str, str], ...]:
                               "removes the tag)")
         pairs.append((old.strip(), new.strip()))
     return tuple(pairs)
-
-
-def parse_tags(text: str) -> tuple[str, ...]:
-    return tuple(t for t in map(str.strip, text.split(",")) if t)
 
 
 class _CaptionNode:
@@ -63,16 +55,17 @@ class CaptionTags(_CaptionNode):
             "escape_parentheses": widget(CaptionSettings, "escape_parentheses"),
             "dedupe": widget(CaptionSettings, "dedupe"),
             "replace": ("STRING", {"default": "", "multiline": True,
-                                   "tooltip": f"{_doc('replace')} Here: one 'old=new' per line."}),
+                                   "tooltip": f"{field_doc(CaptionSettings, 'replace')} Here: one 'old=new' per "
+                                              "line."}),
             "blacklist": ("STRING", {"default": "",
-                                     "tooltip": f"{_doc('blacklist')} Comma-separated."}),
+                                     "tooltip": f"{field_doc(CaptionSettings, 'blacklist')} Comma-separated."}),
         }, "optional": dict(_UPSTREAM)}
 
     def build(self, underscores: bool, keep_underscore_length: int, escape_parentheses: bool, dedupe: bool,
               replace: str, blacklist: str, captions: CaptionSettings | None = None) -> tuple[CaptionSettings]:
         return _updated(captions, underscores=underscores, keep_underscore_length=keep_underscore_length,
                         escape_parentheses=escape_parentheses, dedupe=dedupe, replace=parse_replacements(replace),
-                        blacklist=parse_tags(blacklist))
+                        blacklist=split_tags(blacklist))
 
 
 class CaptionShuffle(_CaptionNode):

@@ -5,17 +5,14 @@ Each returns one of the engine's frozen config sections; the Train steps node pu
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
-from ..loaders.captions import CaptionSettings
+from ..loaders.captions import CaptionSettings, split_tags
 from ..loaders.sources import SourceSettings
 from ..training.config import AdapterConfig, ConfigError, DataConfig, ModelConfig, OptimizerConfig, RunConfig
 from ..training.session import describe_dataset
 from . import host
-from .widgets import CATEGORY, widget
-
-PRECISIONS = ["auto", "bf16", "fp8", "fp32"]  # 'auto' keeps an fp8 file in fp8
+from .widgets import CATEGORY, field_doc, widget
 
 
 class ModelForTraining:
@@ -60,7 +57,7 @@ class ModelForTraining:
 
 
 def _doc(name: str) -> str:
-    return widget(ModelConfig, name)[1]["tooltip"]
+    return field_doc(ModelConfig, name)
 
 
 class DatasetFolder:
@@ -114,7 +111,7 @@ class DatasetMetadata:
                 "folder.")}),
             "path_column": widget(SourceSettings, "path_column"),
             "caption_columns": ("STRING", {"default": ", ".join(SourceSettings().caption_columns), "tooltip": (
-                f"{_source_doc('caption_columns')} Comma-separated.")}),
+                f"{field_doc(SourceSettings, 'caption_columns')} Comma-separated.")}),
             "booru": widget(SourceSettings, "booru"),
             "image_root": widget(SourceSettings, "image_root"),
             "repeats": widget(SourceSettings, "repeats", min=1, max=10000),
@@ -133,7 +130,7 @@ class DatasetMetadata:
         root = str(_input_path(image_root)) if image_root else ""
         source = SourceSettings(path=str(path), repeats=repeats, booru=booru, image_root=root,
                                 path_column=path_column,
-                                caption_columns=tuple(c.strip() for c in caption_columns.split(",") if c.strip()),
+                                caption_columns=split_tags(caption_columns),
                                 captions=captions or CaptionSettings())
         data = DataConfig(images="", sources=(source,), trigger=trigger, resolution=resolution,
                           validation_images=validation_images)
@@ -142,10 +139,6 @@ class DatasetMetadata:
 
 _CAPTIONS_INPUT = ("LORALOOM_CAPTIONS", {"tooltip": "Caption processors (the LoRA Loom caption nodes); the "
                                          "preview shows the captions after them."})
-
-
-def _source_doc(name: str) -> str:
-    return {f.name: f for f in dataclasses.fields(SourceSettings)}[name].metadata["doc"]
 
 
 def _input_path(name: str) -> Path:

@@ -13,6 +13,11 @@ def _field(cls: type, name: str) -> dataclasses.Field:
     return {f.name: f for f in dataclasses.fields(cls)}[name]
 
 
+def field_doc(cls: type, name: str) -> str:
+    """The documentation of config field ``cls.name``."""
+    return _field(cls, name).metadata["doc"]
+
+
 def widget(cls: type, name: str, **options: Any) -> tuple:
     """The ComfyUI input spec of config field ``cls.name``: its type, default and doc as the tooltip."""
     f = _field(cls, name)
