@@ -93,3 +93,18 @@ def test_config_read_from_shapes_matches_the_model(tiny_parts):
     for key, value in config.items():
         assert tuple(getattr(tiny_parts.transformer.config, key)) == tuple(value) if isinstance(value, tuple) \
             else getattr(tiny_parts.transformer.config, key) == value, key
+
+
+def test_all_in_one_checkpoint_gives_each_part(tiny_files):
+    """ComfyUI's single-file Flux checkpoints bundle every part under a prefix; each loader reads only its own."""
+    f, bundle = tiny_files, str(tiny_files["checkpoint"])
+    assert _same(flux.load_transformer(bundle, torch.bfloat16, False).state_dict(),
+                 flux.load_transformer(f["transformer"], torch.bfloat16, False).state_dict())
+    assert _same(flux.load_vae(bundle).state_dict(), flux.load_vae(f["vae"]).state_dict())
+    tokenizers = {"tokenizer": str(f["tokenizer"]), "tokenizer_2": str(f["tokenizer_2"]), "t5_max_length": 16}
+    parts = ModelConfig(text_encoder=bundle, text_encoder_2=bundle, **tokenizers)
+    single = ModelConfig(text_encoder=str(f["text_encoder"]), text_encoder_2=str(f["text_encoder_2"]), **tokenizers)
+    prompts = ["zwx, a red circle", "a blue square"]
+    a = flux.encode_prompts(flux.load_text_encoders(parts, torch.float32), prompts)
+    b = flux.encode_prompts(flux.load_text_encoders(single, torch.float32), prompts)
+    assert torch.equal(a["t5"], b["t5"]) and torch.equal(a["pooled"], b["pooled"])

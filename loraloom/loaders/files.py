@@ -35,8 +35,13 @@ def find_weights(folder: Path, allow_pickle: bool = False) -> list[Path]:
     return files
 
 
-def read_safetensors(paths: Iterable[Path], what: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+def read_safetensors(paths: Iterable[Path], what: str, allow_pickle: bool = False,
+                     prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """All tensors of one or more safetensors files, in their stored dtype (fp8 stays fp8).
+
+    With ``prefixes``, a file whose keys use one of them (the first that any key uses) gives only the
+    tensors under it, the prefix dropped, and the rest is never read: all-in-one checkpoints bundle the
+    diffusion model, text encoders and VAE under prefixes (``model.diffusion_model.``, ``vae.``, ...).
 
     Pickle files (.ckpt/.pt/.pth/.bin) are refused unless ``allow_pickle``; then they are read with
     ``torch.load(weights_only=True)``, which unpickles tensors and plain containers only, never code.
@@ -51,16 +56,26 @@ def read_safetensors(paths: Iterable[Path], what: str, allow_pickle: bool = Fals
         if not path.is_file():
             raise ModelFileError(f"{path}: file not found (expected {what})")
         if path.suffix in PICKLE_SUFFIXES:
-            out.update(_read_pickle_weights(path, what))
+            data = _read_pickle_weights(path, what)
+            prefix = _component_prefix(data, prefixes)
+            out.update((k[len(prefix):], v) for k, v in data.items() if k.startswith(prefix))
             continue
         try:
             with safe_open(str(path), framework="pt") as f:
-                for k in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    out[k] = f.get_tensor(k)
+                keys = list(f.keys())
+                prefix = _component_prefix(keys, prefixes)
+                for k in keys:
+                    if k.startswith(prefix):
+                        out[k[len(prefix):]] = f.get_tensor(k)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise ModelFileError(f"{path}: not a readable .safetensors file ({e}); the file may be truncated "
                                  f"or corrupt: download {what} again") from None
     return out
+
+
+def _component_prefix(keys: Iterable[str], prefixes: tuple[str, ...]) -> str:
+    keys = list(keys)
+    return next((p for p in prefixes if any(k.startswith(p) for k in keys)), "")
 
 
 def _read_pickle_weights(path: Path, what: str) -> dict[str, torch.Tensor]:

@@ -19,15 +19,25 @@ def input_dir() -> Path:
     return Path(folder_paths.get_input_directory())
 
 
-def model_names(folder: str) -> list[str]:
+# All-in-one files in ComfyUI's checkpoints folder bundle every part of a model, so every model choice
+# offers them too, named with this prefix.
+CHECKPOINTS = "checkpoints/"
+
+
+def model_choices(folder: str) -> list[str]:
+    """The files of a ComfyUI model folder, then those of ``checkpoints`` (prefixed)."""
     import folder_paths
 
-    return folder_paths.get_filename_list(folder)
+    bundles = [CHECKPOINTS + name for name in folder_paths.get_filename_list("checkpoints")]
+    return folder_paths.get_filename_list(folder) + bundles
 
 
 def model_path(folder: str, name: str) -> Path:
+    """The file behind a :func:`model_choices` entry."""
     import folder_paths
 
+    if name.startswith(CHECKPOINTS) and name not in folder_paths.get_filename_list(folder):
+        folder, name = "checkpoints", name.removeprefix(CHECKPOINTS)
     return Path(folder_paths.get_full_path_or_raise(folder, name))
 
 

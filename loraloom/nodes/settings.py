@@ -18,7 +18,8 @@ from .widgets import CATEGORY, field_doc, widget
 class ModelForTraining:
     """The base model files, picked from ComfyUI's model folders by name."""
 
-    DESCRIPTION = ("The base to train on, from ComfyUI's models folders. For Flux train on a de-distilled base "
+    DESCRIPTION = ("The base to train on, from ComfyUI's models folders; all-in-one files from checkpoints/ "
+                   "are offered in every list and give each part. For Flux train on a de-distilled base "
                    "(Flux-dev2pro) at guidance 1.0 and apply the result to Flux-dev.")
     CATEGORY = f"{CATEGORY}/setup"
     RETURN_TYPES = ("LORALOOM_MODEL",)
@@ -27,13 +28,13 @@ class ModelForTraining:
 
     @classmethod
     def INPUT_TYPES(cls):
-        encoders = host.model_names("text_encoders")
+        encoders = host.model_choices("text_encoders")
         return {"required": {
             "family": (["flux"], {"tooltip": _doc("family")}),
-            "transformer": (host.model_names("diffusion_models"), {"tooltip": _doc("transformer")}),
+            "transformer": (host.model_choices("diffusion_models"), {"tooltip": _doc("transformer")}),
             "clip_l": (encoders, {"tooltip": _doc("text_encoder")}),
             "t5": (encoders, {"tooltip": _doc("text_encoder_2")}),
-            "vae": (host.model_names("vae"), {"tooltip": _doc("vae")}),
+            "vae": (host.model_choices("vae"), {"tooltip": _doc("vae")}),
             "precision": widget(ModelConfig, "base_precision"),
             "guidance_distilled": widget(ModelConfig, "guidance_distilled"),
             "t5_max_length": widget(ModelConfig, "t5_max_length", min=16, max=512),

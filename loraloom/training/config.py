@@ -37,19 +37,21 @@ def doc(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
 class ModelConfig:
     family: Literal["flux"] = doc("Model family. Only 'flux' so far.", "flux")
     transformer: str = doc(
-        "The diffusion transformer: a single .safetensors file (BFL/ComfyUI or diffusers keys, bf16/fp16/fp8) "
-        "or a diffusers folder (the model root or its transformer/ subfolder).",
+        "The diffusion transformer: a single .safetensors file (BFL/ComfyUI or diffusers keys, bf16/fp16/fp8), "
+        "an all-in-one checkpoint (its model.diffusion_model. part is read) or a diffusers folder (the model "
+        "root or its transformer/ subfolder).",
         "",
     )
-    text_encoder: str = doc("CLIP-L text encoder: a .safetensors file or a folder.", "")
-    text_encoder_2: str = doc("T5-XXL text encoder: a .safetensors file or a folder.", "")
+    text_encoder: str = doc("CLIP-L text encoder: a .safetensors file, an all-in-one checkpoint or a folder.", "")
+    text_encoder_2: str = doc("T5-XXL text encoder: a .safetensors file, an all-in-one checkpoint or a folder.", "")
     tokenizer: str = doc(
         "CLIP tokenizer folder. Empty: the text_encoder folder itself (or its sibling tokenizer/).", ""
     )
     tokenizer_2: str = doc(
         "T5 tokenizer folder. Empty: the text_encoder_2 folder itself (or its sibling tokenizer_2/).", ""
     )
-    vae: str = doc("The VAE: ae.safetensors (BFL layout or diffusers keys) or a diffusers folder.", "")
+    vae: str = doc("The VAE: ae.safetensors (BFL layout or diffusers keys), an all-in-one checkpoint or a "
+                   "diffusers folder.", "")
     base_precision: Literal["auto", "fp32", "bf16", "fp16", "fp8"] = doc(
         "Storage precision of the frozen base. 'auto' keeps fp8 files in fp8 and stores the rest in the "
         "compute dtype; 'fp8' stores every linear weight in float8_e4m3fn and computes in the compute dtype.",

@@ -121,6 +121,7 @@ def write_flux_files(parts: FluxParts, folder: str | Path, diffusers: bool = Tru
         "text_encoder": folder / "clip_l.safetensors",
         "text_encoder_2": folder / "t5xxl.safetensors",
         "vae": folder / "ae.safetensors",
+        "checkpoint": folder / "flux1-tiny-checkpoint.safetensors",
         "tokenizer": folder / "tokenizer",
         "tokenizer_2": folder / "tokenizer_2",
     }
@@ -131,7 +132,13 @@ def write_flux_files(parts: FluxParts, folder: str | Path, diffusers: bool = Tru
     atomic_save_safetensors(clip_sd, paths["text_encoder"])
     t5_sd = {k: v for k, v in parts.t5.state_dict().items() if k != "encoder.embed_tokens.weight"}
     atomic_save_safetensors(t5_sd, paths["text_encoder_2"])
-    atomic_save_safetensors(vae_to_ldm(parts.vae.state_dict()), paths["vae"])
+    vae_sd = vae_to_ldm(parts.vae.state_dict())
+    atomic_save_safetensors(vae_sd, paths["vae"])
+    # ComfyUI's all-in-one layout (as flux1-dev-fp8.safetensors in models/checkpoints): one file, four prefixes.
+    bundle = {"model.diffusion_model.": {k: v.to(torch.bfloat16) for k, v in bfl.items()},
+              "text_encoders.clip_l.transformer.": clip_sd, "text_encoders.t5xxl.transformer.": t5_sd, "vae.": vae_sd}
+    atomic_save_safetensors({prefix + k: v for prefix, sd in bundle.items() for k, v in sd.items()},
+                            paths["checkpoint"])
     parts.clip_tokenizer.save_pretrained(paths["tokenizer"])
     parts.t5_tokenizer.save_pretrained(paths["tokenizer_2"])
     if diffusers:

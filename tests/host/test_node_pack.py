@@ -64,6 +64,8 @@ def write_models(base: Path) -> dict[str, str]:
                                ("text_encoder_2", "text_encoders", "t5xxl-tiny.safetensors")):
         (models / folder).mkdir(parents=True, exist_ok=True)
         (models / folder / name).symlink_to(files[role])
+    (models / "checkpoints").mkdir(parents=True, exist_ok=True)  # every part in one file, as ComfyUI ships Flux
+    (models / "checkpoints" / "flux1-dev2pro-aio-tiny.safetensors").symlink_to(files["checkpoint"])
     dev = build_flux(REAL_WIDTH, seed=2).transformer.state_dict()
     atomic_save_safetensors({k: v.to(torch.bfloat16) for k, v in transformer_to_bfl(dev).items()},
                             models / "diffusion_models" / "flux1-dev-tiny.safetensors")
@@ -329,6 +331,21 @@ def test_queued_example_continues_and_cancel_keeps_a_checkpoint(comfy):
     metrics = comfy.get(f"/loraloom/runs/{run}/metrics")
     steps = [r["step"] for r in metrics["events"] if r["type"] == "step"]
     assert metrics["run"] == run and steps == list(range(1, min(stopped + 4, 6) + 1))
+
+
+def test_model_node_trains_from_an_all_in_one_checkpoint(comfy):
+    bundle = "checkpoints/flux1-dev2pro-aio-tiny.safetensors"
+    choices = comfy.get("/object_info/LoraLoomModel")["LoraLoomModel"]["input"]["required"]
+    assert all(bundle in choices[name][0] for name in ("transformer", "clip_l", "t5", "vae"))
+    prompt = point_at_tiny_models(example("queued_training_with_previews"), comfy.tokenizers,
+                                  run_name="from-checkpoint", total_steps=1, steps_per_queue=1)
+    prompt[node_of(prompt, "LoraLoomModel")]["inputs"].update(transformer=bundle, clip_l=bundle, t5=bundle, vae=bundle)
+    prompt[node_of(prompt, "LoraLoomExportAdapter")]["inputs"]["name"] = "loraloom/from-checkpoint"
+    assert_succeeded(comfy.wait(comfy.queue(prompt)), comfy)
+    run_dir = comfy.base / "output" / "loraloom" / "runs" / "from-checkpoint"
+    config = (run_dir / "checkpoints" / "step-00000001" / "config.toml").read_text()
+    assert config.count("checkpoints/flux1-dev2pro-aio-tiny.safetensors") == 4
+    assert (comfy.base / "models" / "loras" / "loraloom" / "from-checkpoint.safetensors").is_file()
 
 
 @pytest.mark.parametrize("name", ["no-such-run", "..", "%2E%2E", "..%2F..%2Fuser", ".hidden"])

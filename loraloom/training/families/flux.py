@@ -101,8 +101,8 @@ def load_transformer(path: str | Path, compute_dtype: torch.dtype, fp8_storage: 
     if path.is_dir():
         config, sd = read_diffusers_folder(path, "transformer", "the Flux transformer", allow_pickle)
     else:
-        sd = strip_prefix(read_safetensors([path], what="the Flux transformer", allow_pickle=allow_pickle),
-                          ("model.diffusion_model.", "diffusion_model."))
+        sd = read_safetensors([path], what="the Flux transformer", allow_pickle=allow_pickle,
+                              prefixes=("model.diffusion_model.", "diffusion_model."))
         if BFL_MARKER in sd:
             config = transformer_config_from_bfl(sd)
             sd = transformer_from_bfl(sd)
@@ -173,8 +173,8 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, allow_pickle:
     if path.is_dir():
         config, sd = read_diffusers_folder(path, "vae", "the Flux VAE", allow_pickle)
     else:
-        sd = strip_prefix(read_safetensors([path], what="the Flux VAE", allow_pickle=allow_pickle),
-                          ("vae.", "first_stage_model."))
+        sd = read_safetensors([path], what="the Flux VAE", allow_pickle=allow_pickle,
+                              prefixes=("vae.", "first_stage_model."))
         if "encoder.conv_in.weight" not in sd or "decoder.conv_out.weight" not in sd:
             raise ModelFileError(f"{path} is not a VAE: expected keys 'encoder.conv_in.weight' and "
                                  f"'decoder.conv_out.weight'. Check model.vae points at ae.safetensors.")
@@ -237,9 +237,11 @@ def load_text_encoders(cfg: ModelConfig, dtype: torch.dtype) -> TextEncoders:
     t5_tok = _load_tokenizer(cfg.tokenizer_2, cfg.text_encoder_2, "tokenizer_2", "model.tokenizer_2",
                              "ComfyUI/comfy/text_encoders/t5_tokenizer")
     clip = _load_hf_encoder(cfg.text_encoder, "text_encoder", CLIPTextModel, _clip_config, clip_tok, dtype,
-                            marker="embeddings.token_embedding.weight", allow_pickle=cfg.allow_pickle)
+                            marker="embeddings.token_embedding.weight",
+                            checkpoint_prefix="text_encoders.clip_l.transformer.", allow_pickle=cfg.allow_pickle)
     t5 = _load_hf_encoder(cfg.text_encoder_2, "text_encoder_2", T5EncoderModel, _t5_config, t5_tok, dtype,
-                          marker="shared.weight", allow_pickle=cfg.allow_pickle)
+                          marker="shared.weight", checkpoint_prefix="text_encoders.t5xxl.transformer.",
+                          allow_pickle=cfg.allow_pickle)
     return TextEncoders(clip, clip_tok, t5, t5_tok, cfg.t5_max_length)
 
 
@@ -261,7 +263,8 @@ def _load_tokenizer(explicit: str, encoder_path: str, sibling: str, key: str, hi
 CLIP_FILE_PREFIX = "text_model."
 
 
-def _load_hf_encoder(path: str, subfolder: str, cls, config_fn, tokenizer, dtype, marker: str, allow_pickle: bool):
+def _load_hf_encoder(path: str, subfolder: str, cls, config_fn, tokenizer, dtype, marker: str,
+                     checkpoint_prefix: str, allow_pickle: bool):
     p = Path(path)
     if p.is_dir():
         folder = p / subfolder if (p / subfolder / "config.json").exists() else p
@@ -269,8 +272,8 @@ def _load_hf_encoder(path: str, subfolder: str, cls, config_fn, tokenizer, dtype
         model = cls.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True,
                                     use_safetensors=not allow_pickle)
         return model.requires_grad_(False).eval()
-    sd = strip_prefix(read_safetensors([p], what=f"the {cls.__name__}", allow_pickle=allow_pickle),
-                      ("text_encoders.clip_l.transformer.", "text_encoders.t5xxl.transformer."))
+    sd = read_safetensors([p], what=f"the {cls.__name__}", allow_pickle=allow_pickle,
+                          prefixes=(checkpoint_prefix,))
     sd = strip_prefix(sd, (CLIP_FILE_PREFIX,))
     if marker not in sd:
         raise ModelFileError(f"{p} is not a {cls.__name__} file: expected the key '{marker}', found "
