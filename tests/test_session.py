@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 
 from loraloom.training import adapters
 from loraloom.training.config import ConfigError
+from loraloom.training.families import flux
 from loraloom.training.metrics import read_metrics
 from loraloom.training.session import Session
 
@@ -118,6 +120,27 @@ def test_fp8_base_stays_fp8_and_trains_in_bf16(make_config, tiny_files):
     records = session.step(2)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     assert base.dtype == torch.float8_e4m3fn
+
+
+def test_nf4_base_is_four_bit_close_to_the_full_base_and_learns(make_config, tiny_files):
+    bnb = pytest.importorskip("bitsandbytes")
+    settings = dict(train={"steps": 40, "batch_size": 2}, optimizer={"lr": 3e-3}, adapter={"rank": 8, "alpha": 8.0})
+    full = Session.open(make_config("full", **settings))
+    nf4 = Session.open(make_config("nf4", model={"base_precision": "nf4"}, **settings))
+    plain = flux.load_transformer(tiny_files["transformer"], torch.float32, fp8_storage=False)
+    in_blocks = [n for n, m in plain.named_modules()
+                 if isinstance(m, torch.nn.Linear) and re.fullmatch(flux.LORA_TARGETS["all_linear"], n)]
+    quantized = {n.removesuffix(".base_layer"): m for n, m in nf4.transformer.named_modules()
+                 if isinstance(m, bnb.nn.Linear4bit)}
+    assert sorted(quantized) == sorted(in_blocks)
+    for name, layer in quantized.items():  # half a byte per weight, plus one scale per 64
+        weights = plain.get_submodule(name).weight.numel()
+        assert layer.weight.dtype == torch.uint8 and layer.weight.numel() == weights // 2
+    assert nf4.adapted_modules == full.adapted_modules
+    before, exact = nf4.validate(), full.validate()
+    assert before != exact and abs(before - exact) < 0.1 * exact  # quantised, yet the same model
+    nf4.run()
+    assert nf4.validate() < 0.8 * before
 
 
 def test_guidance_warning_for_a_distilled_base(make_config):

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from diffusers.optimization import get_scheduler
 
-from .config import ConfigError, OptimizerConfig
+from .config import OptimizerConfig, optional_module
 
 
 def _adamw(params: list, cfg: OptimizerConfig) -> torch.optim.Optimizer:
@@ -16,12 +16,7 @@ def _adamw(params: list, cfg: OptimizerConfig) -> torch.optim.Optimizer:
 
 def _bitsandbytes(class_name: str, uses_eps: bool) -> Callable[[list, OptimizerConfig], torch.optim.Optimizer]:
     def make(params: list, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            raise ConfigError(
-                f"optimizer.name = '{cfg.name}' needs bitsandbytes, which is not importable here ({e}). "
-                f"Install it (pip install bitsandbytes) or use optimizer.name = 'adamw'.") from None
+        bnb = optional_module("bitsandbytes", f"optimizer.name = '{cfg.name}'", "optimizer.name = 'adamw'")
         extra = {"eps": cfg.eps} if uses_eps else {}
         return getattr(bnb.optim, class_name)(params, lr=cfg.lr, betas=cfg.betas,
                                               weight_decay=cfg.weight_decay, **extra)

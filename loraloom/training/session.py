@@ -214,9 +214,11 @@ class Session:
     def _load_model(self) -> None:
         cfg = self.cfg
         precision = cfg.model.base_precision
-        storage = self.compute_dtype if precision in ("auto", "fp8") else DTYPES[precision]
+        storage = self.compute_dtype if precision in ("auto", "fp8", "nf4") else DTYPES[precision]
         model = self.family.load_transformer(cfg.model.transformer, storage, fp8_storage=precision in ("auto", "fp8"),
                                              allow_pickle=cfg.model.allow_pickle)
+        if precision == "nf4":
+            adapters.quantize_nf4(model, self.family.LORA_TARGETS["all_linear"], self.compute_dtype, self.device)
         self.adapted_modules = adapters.add_lora(
             model, self.family.LORA_TARGETS[cfg.adapter.targets], cfg.adapter.rank, cfg.adapter.alpha,
             cfg.adapter.dropout, cfg.adapter.init_seed)
