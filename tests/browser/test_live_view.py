@@ -168,7 +168,8 @@ def widget_changes(name: str, tokenizers: dict[str, str]) -> dict[str, dict]:
             for node_id, node in tiny.items()}
 
 
-@pytest.mark.parametrize("name", ["flux_train_then_compare_on_dev", "queued_training_with_previews"])
+@pytest.mark.parametrize("name", ["flux_train_then_compare_on_dev", "queued_training_with_previews",
+                                  "booru_tags_kohaku_captions"])
 def test_live_chart_and_previews_in_comfyui(comfy, browser, name):  # noqa: F811 (the fixture imported above)
     comfy.post("/api/settings/Comfy.TutorialCompleted", True)  # else a first visit opens the template browser
     comfy.post("/api/settings/LiteGraph.Canvas.MinFontSizeForLOD", 1)  # text stays drawn in zoomed-out screenshots

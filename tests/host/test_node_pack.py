@@ -15,6 +15,7 @@ default this one); skips otherwise. About 3 minutes on 2 CPU cores.
 
 from __future__ import annotations
 
+import ast
 import copy
 import io
 import json
@@ -76,7 +77,13 @@ def write_models(base: Path) -> dict[str, str]:
                             norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False)
     (models / "vae").mkdir(parents=True)
     atomic_save_safetensors(vae_to_ldm(vae.state_dict()), models / "vae" / "ae-tiny.safetensors")
-    write_shapes_dataset(base / "input" / "shapes", count=4, size=64, seed=0, trigger="zwx")
+    images = write_shapes_dataset(base / "input" / "shapes", count=4, size=64, seed=0, trigger="zwx")
+    records = [{"path": f"../shapes/{image.name}", "tag_string_general": f"1girl solo red_circle tag_{i} tagme",
+                "tag_string_character": "hatsune_miku", "tag_string_copyright": "vocaloid", "tag_string_artist": "",
+                "tag_string_meta": "highres", "rating": "g", "fav_count": 10 * i, "created_at": f"{2015 + i}-05-01"}
+               for i, image in enumerate(images)]
+    (base / "input" / "danbooru").mkdir()
+    (base / "input" / "danbooru" / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     return {"clip_tokenizer": str(files["tokenizer"]), "t5_tokenizer": str(files["tokenizer_2"])}
 
 
@@ -189,6 +196,7 @@ def point_at_tiny_models(prompt: dict, tokenizers: dict[str, str], **train) -> d
                           "t5": "t5xxl-tiny.safetensors", "vae": "ae-tiny.safetensors", "t5_max_length": 16,
                           **tokenizers},
         "LoraLoomDatasetFolder": {"folder": "shapes", "resolution": 64},
+        "LoraLoomDatasetMetadata": {"resolution": 64, "validation_images": 1},
         # alpha/rank = 16 makes two steps' adapter visible in a 2-step 64 px sample through a random VAE.
         "LoraLoomAdapter": {"rank": 4, "alpha": 64.0, "targets": "attention"},
         "LoraLoomOptimizer": {"lr": 0.01, "scheduler": "constant", "warmup_steps": 0},
@@ -331,6 +339,21 @@ def test_queued_example_continues_and_cancel_keeps_a_checkpoint(comfy):
     metrics = comfy.get(f"/loraloom/runs/{run}/metrics")
     steps = [r["step"] for r in metrics["events"] if r["type"] == "step"]
     assert metrics["run"] == run and steps == list(range(1, min(stopped + 4, 6) + 1))
+
+
+def test_booru_example_reads_kohaku_captions_and_trains(comfy):
+    prompt = point_at_tiny_models(example("booru_tags_kohaku_captions"), comfy.tokenizers,
+                                  total_steps=1, steps_per_queue=1)
+    entry = comfy.wait(comfy.queue(prompt))
+    assert_succeeded(entry, comfy)
+    [preview] = entry["outputs"][node_of(prompt, "PreviewAny")]["text"]
+    captions = [ast.literal_eval(line.split(": ", 1)[1]) for line in preview.splitlines() if "hatsune miku" in line]
+    assert captions, preview
+    for line in captions:  # people first; quality, year, meta and rating last; underscores and junk gone
+        tags = line.split(", ")
+        assert tags[:3] == ["1girl", "hatsune miku", "vocaloid"] and tags[-2:] == ["highres", "safe"], line
+        assert "tagme" not in tags and "|||" not in line
+    assert (comfy.base / "output" / "loraloom" / "runs" / "booru-kohaku" / "checkpoints" / "step-00000001").is_dir()
 
 
 def test_model_node_trains_from_an_all_in_one_checkpoint(comfy):

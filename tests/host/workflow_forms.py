@@ -7,6 +7,10 @@ from typing import Any
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 COLUMN_WIDTH, ROW_GAP = 380, 40
+ROW, MULTILINE = 26, 90  # a slot or widget row; a multiline text box
+# Nodes that grow while the graph runs (images arrive; the Train node's chart, status and previews, sized in
+# web/loraloom.js) go last in their column, with room for what they show.
+GROWS = {"LoraLoomTrainSteps": 46 + 190 + 340, "PreviewImage": 300, "SaveImage": 300, "PreviewAny": 160}
 
 
 def _is_link(value: Any) -> bool:
@@ -40,11 +44,11 @@ def _columns(api: dict[str, dict]) -> dict[str, int]:
 
 def ui_from_api(api: dict[str, dict], object_info: dict[str, dict]) -> dict[str, Any]:
     columns = _columns(api)
-    order = sorted(api, key=lambda n: (columns[n], int(n)))
+    order = sorted(api, key=lambda n: (columns[n], api[n]["class_type"] in GROWS, int(n)))
     nodes, links, column_y = {}, [], {}
     for position, node_id in enumerate(order):
         entry, info = api[node_id], object_info[api[node_id]["class_type"]]
-        inputs, widgets = [], []
+        inputs, widgets, extra = [], [], 0
         for section in ("required", "optional"):
             for name in info["input_order"].get(section, []):
                 spec = info["input"][section][name]
@@ -57,8 +61,11 @@ def ui_from_api(api: dict[str, dict], object_info: dict[str, dict]) -> dict[str,
                     widgets.append(value)
                     if _has_seed_control(name, spec):
                         widgets.append("fixed")
+                    if len(spec) > 1 and spec[1].get("multiline"):
+                        extra += MULTILINE - ROW
         col = columns[node_id]
-        height = 46 + 26 * (len(inputs) + len(widgets) + len(info["output"]))
+        height = 46 + ROW * (max(len(inputs), len(info["output"])) + len(widgets)) + extra
+        height += GROWS.get(entry["class_type"], 0)
         y = column_y.get(col, 40)
         column_y[col] = y + height + ROW_GAP
         nodes[node_id] = {
