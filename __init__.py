@@ -7,9 +7,13 @@ the nodes are registered only inside ComfyUI, which has imported its ``comfy`` p
 import sys
 
 if __package__ and "comfy" in sys.modules:
-    from .loraloom.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    import logging
+
+    from .loraloom.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, unavailable_features
     from .loraloom.nodes.routes import register_routes
 
     register_routes()
+    for line in unavailable_features():
+        logging.warning("LoRA Loom: %s", line)
     WEB_DIRECTORY = "./web"
     __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -31,3 +31,16 @@ def test_registry_metadata():
 def test_entry_point_exports_the_nodes_and_the_web_folder():
     text = (ROOT / "__init__.py").read_text()
     assert 'WEB_DIRECTORY = "./web"' in text and "NODE_CLASS_MAPPINGS" in text
+
+
+def test_every_optional_package_names_its_features_when_missing(monkeypatch):
+    from loraloom import nodes
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    optional = {re.split(r"[<>=; \[]", d)[0] for name, deps in extras.items() if name != "dev" for d in deps}
+    assert optional == set(nodes.OPTIONAL_FEATURES)
+    assert nodes.unavailable_features() == []  # the test install has every extra
+    monkeypatch.setattr(nodes.importlib.util, "find_spec", lambda name: None)
+    assert nodes.unavailable_features() == [
+        "the 8-bit optimizers (adamw8bit, lion8bit) and the nf4 base precision are unavailable: bitsandbytes is "
+        "not installed in this Python (pip install bitsandbytes)"]

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 from .adapter import ApplyTrainedAdapter, ExportAdapter
 from .captions import CaptionAffixes, CaptionFormat, CaptionShuffle, CaptionTags
 from .encode import EncodePrompt
@@ -30,3 +32,12 @@ NODES = {
 }
 NODE_CLASS_MAPPINGS = {node_id: cls for node_id, (cls, _) in NODES.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {node_id: f"LoRA Loom: {name}" for node_id, (_, name) in NODES.items()}
+
+# Optional packages (pyproject's extras) and what needs them: a missing one is named when ComfyUI loads the pack,
+# not first at the queue item that needs it.
+OPTIONAL_FEATURES = {"bitsandbytes": "the 8-bit optimizers (adamw8bit, lion8bit) and the nf4 base precision"}
+
+
+def unavailable_features() -> list[str]:
+    return [f"{features} are unavailable: {module} is not installed in this Python (pip install {module})"
+            for module, features in OPTIONAL_FEATURES.items() if importlib.util.find_spec(module) is None]

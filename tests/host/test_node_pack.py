@@ -341,6 +341,14 @@ def test_queued_example_continues_and_cancel_keeps_a_checkpoint(comfy):
     assert metrics["run"] == run and steps == list(range(1, min(stopped + 4, 6) + 1))
 
 
+def test_a_missing_optional_package_is_named_at_start(comfy):
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    if subprocess.run([python, "-c", "import bitsandbytes"], capture_output=True).returncode == 0:
+        pytest.skip("bitsandbytes is installed in ComfyUI's Python")
+    assert "LoRA Loom: the 8-bit optimizers (adamw8bit, lion8bit) and the nf4 base precision are unavailable: " \
+           "bitsandbytes is not installed" in comfy.log_text()
+
+
 def test_booru_example_reads_kohaku_captions_and_trains(comfy):
     prompt = point_at_tiny_models(example("booru_tags_kohaku_captions"), comfy.tokenizers,
                                   total_steps=1, steps_per_queue=1)
