@@ -63,7 +63,7 @@ CHANGEABLE_ON_RESUME = ("train.steps", "train.checkpoint_every", "train.keep_che
 # What each rank keeps of its own: data position, noise, dropout and host RNGs. Rank 0's under these names (as
 # in a single process), rank r's as "rank<r>-<name>", all in the one checkpoint folder.
 RANK_FILES = ("state.json", "rng.safetensors", "host_rng.json")
-RANK_SEED_STRIDE = 1000  # rank r's RNG streams are seeded as a single process with seed + 1000 r would be
+RANK_SEED_STRIDE = 1000  # rank r seeds its RNGs from train.seed + 1000 r: its own noise, timesteps and dropout
 
 
 class NonFiniteError(ValueError):
@@ -104,8 +104,7 @@ class Session:
         self.rank, world = distributed.rank_and_world()
         self.is_main = self.rank == 0  # the rank that writes the run folder
         self.state = TrainState(world_size=world)
-        # Each rank draws its own noise, timesteps and dropout; rank 0 the same as a single process.
-        seed = cfg.train.seed + RANK_SEED_STRIDE * self.rank
+        seed = cfg.train.seed + RANK_SEED_STRIDE * self.rank  # rank 0 draws as a single process does
         self.generator = torch.Generator().manual_seed(seed)  # noise and timesteps
         self.torch_rng = _seeded_rng_states(seed + 1)  # dropout; the host's RNG is left alone
         self.host_rng = _seeded_host_rng_states(seed + 2)  # python and numpy, likewise
@@ -215,7 +214,7 @@ class Session:
         self.text_cache = EncoderCache(root, "text", encoder_id)
         self._text_encoders = None
         rank, world = distributed.rank_and_world()
-        share = prompts[rank::world]  # each rank encodes its share of the missing ones
+        share = prompts[rank::world]  # each rank encodes the missing entries of its share
         for start in range(0, len(share), TEXT_CHUNK):  # in chunks: a million embeddings never sit in memory
             self._embed(share[start:start + TEXT_CHUNK])
         distributed.barrier()  # every rank's share is cached
