@@ -19,6 +19,7 @@ from loraloom.nodes.settings import AdapterSettings, DatasetFolder, ModelForTrai
 from loraloom.nodes.train import TrainSteps
 from loraloom.nodes.widgets import widget
 from loraloom.training.config import ConfigError, TrainConfig
+from loraloom.training.metrics import read_metrics
 
 
 class Interrupted(Exception):
@@ -247,6 +248,22 @@ def test_cancel_stops_a_worker_process_at_a_checkpoint(comfy, graph):
     assert cancelled["state"] == "cancelled" and 1 <= cancelled["step"] < 50
     run_dir = comfy.output / "loraloom" / "runs" / "worker-cancelled"
     assert (run_dir / "checkpoints" / f"step-{cancelled['step']:08d}").is_dir()
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2, reason="needs 2 GPUs or none")
+def test_cancel_stops_every_rank_of_a_two_process_worker_at_one_checkpoint(comfy, graph):
+    """torchrun passes Cancel's SIGTERM to both ranks; they stop after the same step and rank 0 answers."""
+    comfy.cancel_after = 1
+    with pytest.raises(Interrupted):
+        train(graph, "two-gpus", total_steps=50, steps_per_queue=50, gpus=2)
+    streamed = [p for p in comfy.payloads() if p["run"] == "two-gpus"]
+    assert streamed[-1]["state"] == "cancelled"
+    step = streamed[-1]["step"]
+    assert [pt["step"] for p in streamed for pt in p["points"]] == list(range(1, step + 1))  # from rank 0 only
+    run_dir = comfy.output / "loraloom" / "runs" / "two-gpus"
+    saved = run_dir / "checkpoints" / f"step-{step:08d}"
+    assert (saved / "rank1-state.json").is_file() and '"world_size": 2' in (saved / "state.json").read_text()
+    assert [r["step"] for r in read_metrics(run_dir) if r["type"] == "step"] == list(range(1, step + 1))
 
 
 def test_encode_prompt_gives_flux_conditioning(graph):

@@ -34,6 +34,11 @@ from .runs import CACHE_SUBFOLDER, LossHistory, TrainedRun, run_dir
 from .widgets import CATEGORY, widget
 
 log = logging.getLogger(__name__)
+GPUS_TOOLTIP = ("GPUs of this machine to train on: one worker process per GPU (started with torchrun, so above 1 "
+                "it always trains in worker processes), each on its own share of the batches, so batch_size is "
+                "per GPU. Their gradients are averaged every step and every GPU holds the same adapter; the first "
+                "writes the run folder and streams the progress. A run continues only with the GPU count it "
+                "started with. Without CUDA, that many CPU processes.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +75,8 @@ def advance(session: Session, schedule: Schedule, report: ProgressReport, on_ste
     report.state("training", f"steps {session.state.step + 1}-{target} of {session.cfg.train.steps}")
     while session.state.step < target:
         session.step(1)
-        if schedule.preview_every and session.state.step % schedule.preview_every == 0 and session.cfg.sample.prompts:
+        preview = schedule.preview_every and session.state.step % schedule.preview_every == 0
+        if preview and session.cfg.sample.prompts and session.is_main:
             session.preview()
         if stop_requested():
             _save(session, report)
@@ -143,6 +149,8 @@ class TrainSteps:
             "worker_process": ("BOOLEAN", {"default": False, "tooltip": "Train in a separate Python process "
                                            "(same engine, progress streamed back): a crash there cannot take "
                                            "ComfyUI down. Its log is worker.log in the run folder."}),
+        }, "optional": {
+            "gpus": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": GPUS_TOOLTIP}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
@@ -153,7 +161,7 @@ class TrainSteps:
               run_name: str, total_steps: int, steps_per_queue: int, batch_size: int, training_seed: int,
               guidance: float, timesteps: str, mixed_precision: str, gradient_checkpointing: bool,
               checkpoint_every: int, validate_every: int, preview_every: int, preview_prompt: str, preview_steps: int,
-              preview_guidance: float, worker_process: bool = False, unique_id: str = ""):
+              preview_guidance: float, worker_process: bool = False, gpus: int = 1, unique_id: str = ""):
         output_dir = host.output_dir()
         train = TrainConfig(steps=total_steps, batch_size=batch_size, seed=training_seed, guidance=guidance,
                             timesteps=timesteps, mixed_precision=mixed_precision,
@@ -164,18 +172,19 @@ class TrainSteps:
         cfg = run_config(output_dir, run_name, model, dataset, adapter, optimizer, train, sample)
         report = ProgressReport(str(unique_id), run_name, total_steps, output_dir, partial(host.send_progress, EVENT))
         return execute(cfg, Schedule(steps_per_queue, preview_every), report,
-                       host.progress_bar(total_steps, str(unique_id)), in_worker=worker_process)
+                       host.progress_bar(total_steps, str(unique_id)), in_worker=worker_process, gpus=gpus)
 
 
-def execute(cfg: RunConfig, schedule: Schedule, report: ProgressReport, bar, in_worker: bool = False):
-    """Train a chunk of the run, in this process or in a worker; the Train steps node's outputs."""
+def execute(cfg: RunConfig, schedule: Schedule, report: ProgressReport, bar, in_worker: bool = False,
+            gpus: int = 1):
+    """Train a chunk of the run, in this process or in workers (always with several GPUs); the node's outputs."""
     report.state("loading")
     host.free_models()
     try:
-        if in_worker:
+        if in_worker or gpus > 1:
             from .worker import train_in_worker
 
-            done = train_in_worker(cfg, schedule, report, bar.update_absolute, host.interrupted)
+            done = train_in_worker(cfg, schedule, report, bar.update_absolute, host.interrupted, gpus)
         else:
             done = train_chunk(cfg, schedule, report, bar.update_absolute, host.interrupted)
         if done is None:  # Cancel was pressed and the run checkpointed: end the prompt as ComfyUI does

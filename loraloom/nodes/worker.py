@@ -1,11 +1,15 @@
 """Train in a separate Python process: the same :func:`~.train.train_chunk`, its progress streamed back.
 
 A crash (out of memory, a native library's abort) ends the worker, not ComfyUI. The parent writes one JSON job
-to the worker's stdin; the worker answers with JSON lines on stdout (``{"progress": payload}``, then
+file in the run folder; the worker answers with JSON lines on stdout (``{"progress": payload}``, then
 ``{"result": ...}`` or ``{"cancelled": step}``) and logs to ``worker.log`` in the run folder. SIGTERM asks it to
 stop at the next step boundary, with a checkpoint.
 
-Run as ``python -m loraloom.nodes.worker`` with the pack's root on ``PYTHONPATH``; it imports no ComfyUI module.
+With several GPUs the worker is torchrun, which starts one worker per GPU and passes SIGTERM on to them; rank 0
+answers for all, the others only log.
+
+Run as ``python -m loraloom.nodes.worker JOB`` with the pack's root on ``PYTHONPATH``; it imports no ComfyUI
+module.
 """
 
 from __future__ import annotations
@@ -21,27 +25,31 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..loaders.files import atomic_write_bytes
+from ..training import distributed
 from ..training.config import RunConfig, config_from_dict
 from .progress import ProgressReport
 
 PACK_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds the loraloom package
 LOG_FILE = "worker.log"
+JOB_FILE = "worker-job.json"
 POLL_SECONDS = 0.25
 
 
 def train_in_worker(cfg: RunConfig, schedule, report: ProgressReport, on_step: Callable[[int], None],
-                    stop_requested: Callable[[], bool]) -> tuple[int, Path] | None:
-    """:func:`~.train.train_chunk` in a child process; same arguments, same result."""
+                    stop_requested: Callable[[], bool], processes: int = 1) -> tuple[int, Path] | None:
+    """:func:`~.train.train_chunk` in a child process (``processes`` of them, one per GPU); same result."""
     run_dir = Path(cfg.output.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     job = {"config": cfg.to_dict(), "steps": schedule.steps, "preview_every": schedule.preview_every,
            "node": report.node, "run": report.run, "output_dir": str(report.output_dir)}
+    atomic_write_bytes(run_dir / JOB_FILE, json.dumps(job).encode())  # a file: every rank reads it
+    module, args = "loraloom.nodes.worker", [str(run_dir / JOB_FILE)]
+    command = ([sys.executable, "-m", module, *args] if processes == 1
+               else distributed.launch_command(processes, module, args))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACK_ROOT), os.environ.get("PYTHONPATH", "")])}
     with open(run_dir / LOG_FILE, "a", encoding="utf-8") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "loraloom.nodes.worker"], cwd=PACK_ROOT, env=env,
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
-        worker.stdin.write(json.dumps(job))
-        worker.stdin.close()
+        worker = subprocess.Popen(command, cwd=PACK_ROOT, env=env, stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=log, text=True)
         answer, stopped = _relay(worker, report, on_step, stop_requested)
     if "cancelled" in answer or (stopped and not answer):  # stopped before its first step: nothing to save
         return None
@@ -92,20 +100,26 @@ def _read_lines(stream, lines: queue.Queue) -> None:
 def main() -> int:
     from .train import Schedule, train_chunk
 
-    protocol = sys.stdout
-    sys.stdout = sys.stderr  # anything else the libraries print goes to the log, not into the protocol
+    # Anything else printed, by Python or by native libraries (gloo, nccl), goes to the log, not into the protocol.
+    protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-
-    def send(message: dict[str, Any]) -> None:
-        protocol.write(json.dumps(message) + "\n")
-        protocol.flush()
-
-    job = json.loads(sys.stdin.read())
+    job = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
     cfg = config_from_dict(job["config"])
-    report = ProgressReport(job["node"], job["run"], cfg.train.steps, job["output_dir"],
-                            lambda payload: send({"progress": payload}))
-    done = train_chunk(cfg, Schedule(job["steps"], job["preview_every"]), report, lambda step: None, stop.is_set)
+    with distributed.process_group():
+        main_rank = distributed.rank_and_world()[0] == 0
+
+        def send(message: dict[str, Any]) -> None:
+            if main_rank:  # the other ranks take the same decisions and have nothing else to say
+                protocol.write(json.dumps(message) + "\n")
+                protocol.flush()
+
+        report = ProgressReport(job["node"], job["run"], cfg.train.steps, job["output_dir"],
+                                lambda payload: send({"progress": payload}))
+        # A stop seen by one rank stops every rank after the same step, or their collectives would part ways.
+        done = train_chunk(cfg, Schedule(job["steps"], job["preview_every"]), report, lambda step: None,
+                           lambda: distributed.any_rank(stop.is_set()))
     if done is None:
         send({"cancelled": report.step})
     else:

@@ -36,6 +36,10 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
+def step_folder(run_dir: Path, step: int) -> Path:
+    return checkpoint_dir(run_dir) / f"step-{step:08d}"
+
+
 def fault_point(name: str) -> None:
     """SIGKILL this process here if the test-only fault plan names this point and its count is reached."""
     plan = os.environ.get(FAULT_PLAN_ENV)
@@ -58,7 +62,7 @@ def write_checkpoint(run_dir: Path, step: int, files: dict[str, bytes], keep: in
     ``keep_every`` (0: none). Raises :class:`CheckpointWriteError` when the disk is full or not writable.
     """
     root = checkpoint_dir(run_dir)
-    final = root / f"step-{step:08d}"
+    final = step_folder(run_dir, step)
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)

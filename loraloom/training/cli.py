@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
+from . import distributed
 from .config import RunConfig, load_config, to_toml
 
 EXAMPLES = {
@@ -31,14 +33,21 @@ def example_config(family: str) -> RunConfig:
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.gpus > 1 and "LOCAL_RANK" not in os.environ:  # not yet under torchrun: start it, one rank per GPU
+        load_config(args.config, args.set)  # a bad config is reported once, not by every rank
+        ranks = ["train", str(args.config), *(f"--set={s}" for s in args.set), *(["--preview"] * args.preview)]
+        return subprocess.call(distributed.launch_command(args.gpus, "loraloom.training.cli", ranks))
     from .session import Session  # heavy imports only for commands that need them
 
     cfg = load_config(args.config, args.set)
-    session = Session.open(cfg, on_event=_print_event)
-    path = session.run()
-    if cfg.sample.prompts and args.preview:
-        print(f"preview: {session.preview()}")
-    print(f"adapter: {path}")
+    with distributed.process_group():
+        main = distributed.rank_and_world()[0] == 0  # only rank 0 prints, as it alone writes
+        session = Session.open(cfg, on_event=_print_event if main else None)
+        path = session.run()
+        if cfg.sample.prompts and args.preview and main:
+            print(f"preview: {session.preview()}")
+        if main:
+            print(f"adapter: {path}")
     return 0
 
 
@@ -93,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config value (TOML syntax; repeatable)")
     train.add_argument("--preview", action="store_true", help="write a with/without-adapter picture at the end")
+    train.add_argument("--gpus", type=int, default=1, metavar="N",
+                       help="train on N GPUs of this machine: N processes started with torchrun, each on its "
+                            "share of the batches (train.batch_size is per GPU); without CUDA, N CPU processes")
     train.set_defaults(func=_train)
     config = sub.add_parser("config", help="print an example config")
     config.add_argument("--example", choices=sorted(EXAMPLES), default="flux")

@@ -36,7 +36,7 @@ from ..loaders.files import atomic_save_safetensors, fingerprint, writable_folde
 from ..loaders.images import DatasetError, decode_batches, save_png, to_pil
 from ..loaders.sampler import BucketBatchSampler, SamplerPosition
 from ..loaders.sources import SourceSettings
-from . import adapters, checkpoint
+from . import adapters, checkpoint, distributed
 from .config import ConfigError, RunConfig, config_from_dict, plain_file_name, to_toml
 from .export import EXPORT_DTYPES, kohya_metadata, write_lora
 from .families import FAMILIES
@@ -60,6 +60,10 @@ CHANGEABLE_ON_RESUME = ("train.steps", "train.checkpoint_every", "train.keep_che
                         "train.log_every", "train.gradient_checkpointing", "model.guidance_distilled",
                         "data.images", "data.cache_dir", "data.workers", "sample.", "output.",
                         *(f"model.{name}" for name in MODEL_FILES))
+# What each rank keeps of its own: data position, noise, dropout and host RNGs. Rank 0's under these names (as
+# in a single process), rank r's as "rank<r>-<name>", all in the one checkpoint folder.
+RANK_FILES = ("state.json", "rng.safetensors", "host_rng.json")
+RANK_SEED_STRIDE = 1000  # rank r seeds its RNGs from train.seed + 1000 r: its own noise, timesteps and dropout
 
 
 class NonFiniteError(ValueError):
@@ -75,9 +79,10 @@ class TrainState:
     """
     step: int = 0
     samples_seen: int = 0  # images trained on so far (this rank)
-    sampler: dict[str, int] = dataclasses.field(default_factory=lambda: SamplerPosition().to_dict())
+    sampler: dict[str, int] = dataclasses.field(default_factory=lambda: SamplerPosition().to_dict())  # this rank's
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient, in all
     nonfinite_streak: int = 0  # of those, how many in a row up to now
+    world_size: int = 1  # processes training the run: another count would deal the batches differently
 
 
 @dataclasses.dataclass
@@ -96,10 +101,13 @@ class Session:
         self.compute_dtype = DTYPES[cfg.train.mixed_precision]
         self.metrics = MetricsLog(run_dir)
         self.on_event = on_event
-        self.state = TrainState()
-        self.generator = torch.Generator().manual_seed(cfg.train.seed)  # noise and timesteps
-        self.torch_rng = _seeded_rng_states(cfg.train.seed + 1)  # dropout; the host's RNG is left alone
-        self.host_rng = _seeded_host_rng_states(cfg.train.seed + 2)  # python and numpy, likewise
+        self.rank, world = distributed.rank_and_world()
+        self.is_main = self.rank == 0  # the rank that writes the run folder
+        self.state = TrainState(world_size=world)
+        seed = cfg.train.seed + RANK_SEED_STRIDE * self.rank  # rank 0 draws as a single process does
+        self.generator = torch.Generator().manual_seed(seed)  # noise and timesteps
+        self.torch_rng = _seeded_rng_states(seed + 1)  # dropout; the host's RNG is left alone
+        self.host_rng = _seeded_host_rng_states(seed + 2)  # python and numpy, likewise
 
     # ------------------------------------------------------------ set-up
 
@@ -111,12 +119,24 @@ class Session:
         self._warn_about_guidance()
         self._load_data()
         self._load_model()
-        found = checkpoint.newest_valid_checkpoint(run_dir)
+        found = self._newest_checkpoint()
         if found:
             self._restore(*found)
-        else:
+        elif self.is_main:
             self.metrics.truncate_after(0)
         return self
+
+    def _newest_checkpoint(self) -> tuple[Path, dict[str, bytes]] | None:
+        """Rank 0 picks the checkpoint (repairing interrupted writes); every rank then reads that one."""
+        found = checkpoint.newest_valid_checkpoint(self.run_dir) if self.is_main else None
+        folder = distributed.from_main(found[0] if found else None)
+        if folder is None or found:
+            return found
+        files = checkpoint.verified_files(folder)
+        if files is None:
+            raise RuntimeError(f"rank {self.rank} cannot read the checkpoint {folder} that rank 0 chose: "
+                               "output.run_dir must be a folder every rank sees")
+        return folder, files
 
     def _warn_about_guidance(self) -> None:
         if self.cfg.model.guidance_distilled and self.cfg.train.guidance != 1.0:
@@ -128,7 +148,8 @@ class Session:
     def _load_data(self) -> None:
         cfg = self.cfg
         cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.run_dir.parent / "cache"
-        self.data = data = training_data(cfg, cache_root)
+        with distributed.main_first():  # the other ranks read the index rank 0 cached
+            self.data = data = training_data(cfg, cache_root)
         self.vae = self.family.load_vae(cfg.model.vae, allow_pickle=cfg.model.allow_pickle).to(self.device)
         # Read once, each after its file loaded (or before, for the lazily loaded text encoders): the encoder
         # caches are keyed by them and checkpoints compare them on resume.
@@ -152,11 +173,15 @@ class Session:
                     "held_out": held_out, "skipped": summary["skipped"], "buckets": summary["buckets"]})
 
     def _encode_latents(self, root: Path, data: TrainingData) -> None:
-        """Make sure every record's latent (each flip too) is cached; decoding runs in DataLoader workers."""
+        """Make sure every record's latent (each flip too) is cached; decoding runs in DataLoader workers.
+
+        With several ranks each encodes every world-th entry, then all learn which images failed to decode.
+        """
         cache = EncoderCache(root, "latents", self.model_fingerprints["model.vae"])
         self.latent_cache = cache
         flips = (False, True) if data.bucket_settings.flip else (False,)
-        specs = [(row, data.latent_spec(row, flip)) for row in range(len(data)) for flip in flips]
+        rank, world = distributed.rank_and_world()
+        specs = [(row, data.latent_spec(row, flip)) for row in range(len(data)) for flip in flips][rank::world]
         missing = [(row, spec) for row, spec in specs if not cache.path(spec.key).is_file()]
         cache.hits += len(specs) - len(missing)
         cache.misses += len(missing)
@@ -169,6 +194,7 @@ class Session:
                 if pixels is not None:
                     for i, latent in zip(done, self.family.encode_images(self.vae, pixels)):
                         atomic_save_safetensors({"latent": latent}, cache.path(missing[i][1].key))
+        failed = set().union(*distributed.all_gather(failed))  # waits for every rank's share, like a barrier
         data.drop(sorted(failed), "unreadable image")
 
     def _latents(self, specs: list[LatentSpec]) -> list[torch.Tensor]:
@@ -187,8 +213,11 @@ class Session:
         encoder_id = "-".join([*filter(None, files), str(m.t5_max_length), str(self.text_dtype).removeprefix("torch.")])
         self.text_cache = EncoderCache(root, "text", encoder_id)
         self._text_encoders = None
-        for start in range(0, len(prompts), TEXT_CHUNK):  # in chunks: a million embeddings never sit in memory
-            self._embed(prompts[start:start + TEXT_CHUNK])
+        rank, world = distributed.rank_and_world()
+        share = prompts[rank::world]  # each rank encodes the missing entries of its share
+        for start in range(0, len(share), TEXT_CHUNK):  # in chunks: a million embeddings never sit in memory
+            self._embed(share[start:start + TEXT_CHUNK])
+        distributed.barrier()  # every rank's share is cached
         self._text_encoders = self._loaded_text_encoders() if keep_encoders else None
 
     def _embed(self, texts: list[str], store: bool = True) -> list[dict[str, torch.Tensor]]:
@@ -245,7 +274,7 @@ class Session:
                 break
             records.append(self._train_step())
             every = self.cfg.train
-            if every.validate_every and self.state.step % every.validate_every == 0:
+            if every.validate_every and self.state.step % every.validate_every == 0 and self.is_main:
                 self.validate()
             if self.done or (every.checkpoint_every and self.state.step % every.checkpoint_every == 0):
                 self.checkpoint()
@@ -290,6 +319,7 @@ class Session:
             loss.backward()
             total += loss.detach()
         checkpoint.fault_point("step.after-backward")
+        total = distributed.average_gradients(self.params, total)  # ranks now agree on gradients and loss
         max_norm = self.cfg.train.max_grad_norm or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         mean_loss, grad_norm = torch.stack([total, grad_norm.to(total)]).tolist()  # one host sync per step
@@ -386,7 +416,7 @@ class Session:
         return to_pil(self.family.decode_latents(self.vae, raw)[0])
 
     def preview(self) -> Path:
-        """Side-by-side picture of every sample prompt and seed without and with the adapter."""
+        """Side-by-side picture of every sample prompt and seed without and with the adapter (call on rank 0)."""
         from .preview import side_by_side
 
         s = self.cfg.sample
@@ -403,24 +433,31 @@ class Session:
     # ------------------------------------------------------------ checkpoint, resume, export
 
     def checkpoint(self) -> Path:
-        """Write everything the next step depends on; the previous checkpoint stays until this one is whole."""
-        opt = io.BytesIO()
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}, opt)
+        """Write everything the next step depends on; the previous checkpoint stays until this one is whole.
+
+        With several ranks every rank must call it at the same step: each sends its own state (RANK_FILES)
+        to rank 0, which writes the one folder. The adapter and optimizer are the same on every rank.
+        """
         rng = {"noise": self.generator.get_state(), **self.torch_rng}
-        files = {
-            "adapter.safetensors": save_tensors(adapters.adapter_state(self.transformer)),
-            "optimizer.pt": opt.getvalue(),
-            "rng.safetensors": save_tensors(rng),
-            "host_rng.json": json.dumps(self.host_rng).encode(),
-            "state.json": json.dumps(dataclasses.asdict(self.state)).encode(),
-            "config.toml": to_toml(self.cfg, comments=False).encode(),
-            "config.json": json.dumps(self.cfg.to_dict()).encode(),
-            "fingerprints.json": json.dumps({**self.model_fingerprints,
-                                             "data.images": self.dataset_fingerprint}).encode(),
-        }
-        train = self.cfg.train
-        path = checkpoint.write_checkpoint(self.run_dir, self.state.step, files, train.keep_checkpoints,
-                                           train.keep_checkpoint_every)
+        own = {"state.json": json.dumps(dataclasses.asdict(self.state)).encode(),
+               "rng.safetensors": save_tensors(rng), "host_rng.json": json.dumps(self.host_rng).encode()}
+        ranks = distributed.gather_to_main(own)
+        path = checkpoint.step_folder(self.run_dir, self.state.step)
+        if ranks is not None:
+            opt = io.BytesIO()
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}, opt)
+            files = {
+                "adapter.safetensors": save_tensors(adapters.adapter_state(self.transformer)),
+                "optimizer.pt": opt.getvalue(),
+                **{_rank_file(name, rank): data for rank, theirs in enumerate(ranks) for name, data in theirs.items()},
+                "config.toml": to_toml(self.cfg, comments=False).encode(),
+                "config.json": json.dumps(self.cfg.to_dict()).encode(),
+                "fingerprints.json": json.dumps({**self.model_fingerprints,
+                                                 "data.images": self.dataset_fingerprint}).encode(),
+            }
+            train = self.cfg.train
+            path = checkpoint.write_checkpoint(self.run_dir, self.state.step, files, train.keep_checkpoints,
+                                               train.keep_checkpoint_every)
         self._emit({"type": "checkpoint", "step": self.state.step, "path": str(path)})
         return path
 
@@ -432,13 +469,21 @@ class Session:
         opt = torch.load(io.BytesIO(files["optimizer.pt"]), weights_only=True)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
-        rng = load_tensors(files["rng.safetensors"])
+        saved = TrainState(**json.loads(files["state.json"]))
+        if saved.world_size != self.state.world_size:
+            raise ConfigError(
+                f"the checkpoint {folder} was trained by {saved.world_size} process(es), this run has "
+                f"{self.state.world_size}: another count deals the batches differently. Resume with --gpus "
+                f"{saved.world_size} (the Train steps node's gpus input), or use a new output.run_dir.")
+        own = {name: files[mine] for name in RANK_FILES if (mine := _rank_file(name, self.rank)) in files}
+        rng = load_tensors(own["rng.safetensors"])
         self.generator.set_state(rng.pop("noise"))
         self.torch_rng = rng
-        if "host_rng.json" in files:
-            self.host_rng = json.loads(files["host_rng.json"])
-        self.state = TrainState(**json.loads(files["state.json"]))
-        self.metrics.truncate_after(self.state.step)
+        if "host_rng.json" in own:
+            self.host_rng = json.loads(own["host_rng.json"])
+        self.state = TrainState(**json.loads(own["state.json"]))
+        if self.is_main:
+            self.metrics.truncate_after(self.state.step)
         self._emit({"type": "resume", "step": self.state.step, "path": str(folder)})
 
     def _check_resume_config(self, saved: dict, folder: Path) -> None:
@@ -461,21 +506,27 @@ class Session:
                     f"edited). Restore it, or use a new output.run_dir to train on the new content.")
 
     def export(self, path: str | Path | None = None, dtype: str = "bf16") -> Path:
-        """Write the adapter for ComfyUI's LoraLoader and diffusers, with kohya-style metadata."""
+        """Write the adapter for ComfyUI's LoraLoader and diffusers, with kohya-style metadata.
+
+        Rank 0 writes it (every rank holds the same adapter); every rank returns its path.
+        """
         if path is None and not plain_file_name(self.cfg.output.name):
             raise ConfigError(f"output.name {self.cfg.output.name!r} must be a plain file name (no '/', '\\' or "
                               f"'..'): it would be written outside {self.run_dir}")
         path = Path(path) if path else self.run_dir / f"{self.cfg.output.name}.safetensors"
         meta = kohya_metadata(self.cfg, self.state.step, self.base_fingerprint, self.family.ARCHITECTURE,
                               self.family.NAME)
-        write_lora(path, adapters.adapter_state(self.transformer), self.family.EXPORT_PREFIX,
-                   self.cfg.adapter.alpha, EXPORT_DTYPES[dtype], meta)
+        if self.is_main:
+            write_lora(path, adapters.adapter_state(self.transformer), self.family.EXPORT_PREFIX,
+                       self.cfg.adapter.alpha, EXPORT_DTYPES[dtype], meta)
         self._emit({"type": "export", "step": self.state.step, "path": str(path)})
         return path
 
     def _emit(self, event: Event) -> None:
+        """Log ``event`` (rank 0) and pass it to ``on_event`` (every rank, so front ends decide alike)."""
         event = {"time": time.time(), **event}
-        self.metrics.write(event)
+        if self.is_main:
+            self.metrics.write(event)
         if self.on_event:
             self.on_event(event)
 
@@ -497,7 +548,7 @@ def split_and_sample(cfg: RunConfig, data: TrainingData) -> tuple[np.ndarray, np
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.train.seed)).numpy()
     train_rows = np.sort(order[held_out:])
     val_rows = np.sort(order[:held_out]) if held_out else train_rows[:4]
-    rank, world = _rank_and_world()
+    rank, world = distributed.rank_and_world()
     sampler = BucketBatchSampler(data.bucket_id[train_rows], data.repeats[train_rows], cfg.train.batch_size,
                                  cfg.train.seed, rank, world)
     return train_rows, val_rows, sampler
@@ -533,18 +584,17 @@ def describe_dataset(cfg: RunConfig, cache_root: Path | None, samples: int = 8, 
     return lines
 
 
-def _rank_and_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+def _rank_file(name: str, rank: int) -> str:
+    return name if rank == 0 else f"rank{rank}-{name}"
 
 
 def _cuda_devices() -> list[int]:
-    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    """The GPU this process trains on: each rank keeps its own device's RNG and never touches the others."""
+    return [torch.cuda.current_device()] if torch.cuda.is_available() else []
 
 
 def _seeded_rng_states(seed: int) -> dict[str, torch.Tensor]:
-    """Global RNG states (CPU and every CUDA device) as after ``torch.manual_seed(seed)``."""
+    """Global RNG states (CPU and this process's CUDA device) as after ``torch.manual_seed(seed)``."""
     with torch.random.fork_rng(devices=_cuda_devices()):
         torch.manual_seed(seed)
         return _current_rng_states()
