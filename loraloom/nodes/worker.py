@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from ..training.config import RunConfig, config_from_dict
+from ..training.encoders import CachedOnly, Encoders
+from ..training.session import encode_data
 from .progress import ProgressReport
 
 PACK_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds the loraloom package
@@ -30,12 +32,21 @@ POLL_SECONDS = 0.25
 
 
 def train_in_worker(cfg: RunConfig, schedule, report: ProgressReport, on_step: Callable[[int], None],
-                    stop_requested: Callable[[], bool]) -> tuple[int, Path] | None:
-    """:func:`~.train.train_chunk` in a child process; same arguments, same result."""
+                    stop_requested: Callable[[], bool], encoders: Encoders | None = None) -> tuple[int, Path] | None:
+    """:func:`~.train.train_chunk` in a child process; same arguments, same result.
+
+    Given encoders (ComfyUI's CLIP or VAE) stay here: everything the run reads is encoded into the cache first,
+    and the worker reads it by their ids. A run whose captions change every step cannot do that (the caller
+    refuses it)."""
     run_dir = Path(cfg.output.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    given = {}
+    if encoders and (encoders.text or encoders.image):
+        encode_data(cfg, encoders)
+        given = {kind: encoder.id for kind, encoder in (("text", encoders.text), ("image", encoders.image))
+                 if encoder is not None}
     job = {"config": cfg.to_dict(), "steps": schedule.steps, "preview_every": schedule.preview_every,
-           "node": report.node, "run": report.run, "output_dir": str(report.output_dir)}
+           "node": report.node, "run": report.run, "output_dir": str(report.output_dir), "encoders": given}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACK_ROOT), os.environ.get("PYTHONPATH", "")])}
     with open(run_dir / LOG_FILE, "a", encoding="utf-8") as log:
         worker = subprocess.Popen([sys.executable, "-m", "loraloom.nodes.worker"], cwd=PACK_ROOT, env=env,
@@ -105,7 +116,9 @@ def main() -> int:
     cfg = config_from_dict(job["config"])
     report = ProgressReport(job["node"], job["run"], cfg.train.steps, job["output_dir"],
                             lambda payload: send({"progress": payload}))
-    done = train_chunk(cfg, Schedule(job["steps"], job["preview_every"]), report, lambda step: None, stop.is_set)
+    encoders = Encoders(**{kind: CachedOnly(encoder_id) for kind, encoder_id in job.get("encoders", {}).items()})
+    done = train_chunk(cfg, Schedule(job["steps"], job["preview_every"]), report, lambda step: None, stop.is_set,
+                       encoders)
     if done is None:
         send({"cancelled": report.step})
     else:

@@ -31,6 +31,7 @@ ARCHITECTURE = "flux-1-dev"  # modelspec.architecture of exported adapters
 LATENT_SHIFT = 0.1159
 LATENT_SCALE = 0.3611
 VAE_FACTOR = 8  # real Flux VAE; tiny kits may differ, read from the loaded VAE
+LATENT_CHANNELS = 16  # raw VAE latent channels: 4 x 16 = the transformer's packed input
 BUCKET_DIVISOR = 16  # image sides of buckets: VAE factor 8 x 2x2 latent patches
 CONFIG_DIR = Path(__file__).with_name("configs")
 
