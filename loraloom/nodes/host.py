@@ -46,7 +46,7 @@ def bundled_tokenizer(which: str) -> Path:
     """A tokenizer folder that ships with ComfyUI: ``clip`` (CLIP-L) or ``t5`` (T5-XXL)."""
     import comfy
 
-    root = Path(comfy.__file__).parent
+    root = Path(next(iter(comfy.__path__)))  # a namespace package in ComfyUI: no comfy.__file__
     return root / ("sd1_tokenizer" if which == "clip" else "text_encoders/t5_tokenizer")
 
 
