@@ -325,7 +325,8 @@ def _t5_config(sd: dict, tokenizer) -> T5Config:
 def encode_prompts(enc: TextEncoders, prompts: list[str]) -> dict[str, torch.Tensor]:
     """Prompts → {'t5': (B, T, D_t5), 'pooled': (B, D_clip)} as Flux's pipeline computes them."""
     device = enc.t5.device
-    clip_ids = enc.clip_tokenizer(prompts, padding="max_length", max_length=enc.clip_tokenizer.model_max_length,
+    # CLIP's positions, not the tokenizer's model_max_length: ComfyUI's bundled sd1_tokenizer says 8192.
+    clip_ids = enc.clip_tokenizer(prompts, padding="max_length", max_length=enc.clip.config.max_position_embeddings,
                                   truncation=True, return_tensors="pt").input_ids
     pooled = enc.clip(clip_ids.to(device), output_hidden_states=False).pooler_output
     t5_ids = enc.t5_tokenizer(prompts, padding="max_length", max_length=enc.t5_max_length,
