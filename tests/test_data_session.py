@@ -35,12 +35,12 @@ def open_session(make_config, folder, run="run", **data):
 
 def spy_on_text_encoders(session) -> list[str]:
     """Record what reaches the text encoders from now on (the real encoders still run)."""
-    seen, real = [], session._run_text_encoders
+    seen, real = [], session.encoding.text.encode_texts
 
     def recording(texts):
         seen.extend(texts)
         return real(texts)
-    session._run_text_encoders = recording
+    session.encoding.text.encode_texts = recording
     return seen
 
 
@@ -48,9 +48,8 @@ def test_training_on_two_buckets_with_the_caption_chain_encodes_changing_text(ma
     chain = CaptionSettings(shuffle=True, tag_dropout=0.2, underscores=True)
     session = open_session(make_config, two_buckets, captions=chain)
     assert sorted(session.data.summary()["buckets"]) == ["32x64", "64x32"]
-    assert session._text_encoders is not None  # per-step captions: the encoders stay loaded
     seen = spy_on_text_encoders(session)
-    misses = session.text_cache.misses
+    misses = session.encoding.text_cache.misses
     shapes = []
     real_next = session._next_batch
 
@@ -61,6 +60,7 @@ def test_training_on_two_buckets_with_the_caption_chain_encodes_changing_text(ma
     session._next_batch = next_batch
     records = session.step(4)
     assert all(r["loss"] > 0 for r in records)
+    assert session.encoding.text.loaded  # per-step captions: the encoders stay loaded
     assert all(len(s) == 1 for s in shapes)  # one bucket per batch
     assert {next(iter(s)) for s in shapes} == {(16, 16, 8), (16, 8, 16)}  # both buckets trained (VAE factor 4)
     assert len(seen) == 8 and all(t.startswith("zwx, image ") and t.endswith(", best quality") for t in seen)
@@ -68,24 +68,24 @@ def test_training_on_two_buckets_with_the_caption_chain_encodes_changing_text(ma
     for text in seen:
         by_image.setdefault(text.split(",")[1], set()).add(text)
     assert any(len(texts) > 1 for texts in by_image.values())  # the same image read differently across epochs
-    assert session.text_cache.misses == misses  # per-step texts are not written to the cache
+    assert session.encoding.text_cache.misses == misses  # per-step texts are not written to the cache
     event = next(r for r in read_metrics(session.run_dir) if r["type"] == "dataset")
     assert event["buckets"] == {"32x64": 3, "64x32": 3} and event["train"] == 4
 
 
 def test_without_augmentation_the_cached_encodings_are_used(make_config, two_buckets):
     session = open_session(make_config, two_buckets, "plain")
-    assert session._text_encoders is None  # everything is cached: no encoder stays in memory
+    assert not session.encoding.text.loaded  # everything is cached: no encoder stays in memory
     seen = spy_on_text_encoders(session)
-    hits = session.text_cache.hits
+    hits = session.encoding.text_cache.hits
     session.step(3)
-    assert seen == [] and session.text_cache.hits == hits + 6
+    assert seen == [] and session.encoding.text_cache.hits == hits + 6
 
 
 def test_k_variants_are_pre_encoded_and_chosen_per_epoch(make_config, two_buckets):
     chain = CaptionSettings(shuffle=True)
     session = open_session(make_config, two_buckets, "variants", captions=chain, caption_variants=2)
-    assert session._text_encoders is None
+    assert not session.encoding.text.loaded
     seen = spy_on_text_encoders(session)
     session.step(4)
     assert seen == []  # every caption came from the 2 cached variants of its image

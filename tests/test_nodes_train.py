@@ -6,19 +6,23 @@ The same nodes run inside a real ComfyUI in ``tests/host/test_node_pack.py``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from loraloom.loaders.captions import CaptionSettings
 from loraloom.nodes import host
 from loraloom.nodes.adapter import ExportAdapter, export_path
-from loraloom.nodes.encode import EncodePrompt
+from loraloom.nodes.encode import EncodeDataset, EncodePrompt
 from loraloom.nodes.images import LossGraph, SideBySide, from_image_batch, to_image_batch
 from loraloom.nodes.runs import LossHistory, TrainedRun
 from loraloom.nodes.settings import AdapterSettings, DatasetFolder, ModelForTraining, OptimizerSettings
 from loraloom.nodes.train import TrainSteps
 from loraloom.nodes.widgets import widget
 from loraloom.training.config import ConfigError, TrainConfig
+from loraloom.training.families import flux
 from loraloom.training.metrics import read_metrics
 
 
@@ -293,3 +297,86 @@ def test_image_batches_round_trip_through_pil():
     pictures = from_image_batch(images)
     assert [p.size for p in pictures] == [(7, 5)] * 3
     assert torch.equal(torch.cat([to_image_batch(p) for p in pictures]), images)
+
+
+class FakeClip:
+    """Stands for ComfyUI's Flux CLIP object: its tokenize / encode_from_tokens surface over the tiny encoders,
+    padding T5 input to ``t5xxl_min_length`` with the pad token as ComfyUI's tokenizer does."""
+
+    def __init__(self, encoders):
+        self.encoders, self.calls = encoders, 0
+
+    def tokenize(self, text, disable_weights=False, tokenizer_options=None):
+        assert disable_weights  # captions are literal text, not ComfyUI prompt syntax
+        t5 = [(i, 1.0) for i in self.encoders.t5_tokenizer(text).input_ids]
+        t5 += [(0, 1.0)] * (tokenizer_options.get("t5xxl_min_length", 256) - len(t5))
+        clip = self.encoders.clip_tokenizer(text, padding="max_length", max_length=77, truncation=True).input_ids
+        return {"l": [[(i, 1.0) for i in clip]], "t5xxl": [t5]}
+
+    def encode_from_tokens(self, tokens, return_pooled=False):
+        self.calls += 1
+        [t5], [clip] = tokens["t5xxl"], tokens["l"]
+        cond = self.encoders.t5(torch.tensor([[i for i, _ in t5]]))[0]
+        return cond, self.encoders.clip(torch.tensor([[i for i, _ in clip]])).pooler_output
+
+
+class FakeVae:
+    """Stands for ComfyUI's VAE object: encode takes (B, H, W, 3) pixels in [0, 1], returns raw latents."""
+
+    def __init__(self, path):
+        self.vae, self.calls = flux.load_vae(path), 0
+
+    def encode(self, pixels):
+        self.calls += len(pixels)
+        return flux.encode_images(self.vae, pixels.movedim(-1, 1) * 2 - 1)
+
+
+@pytest.fixture
+def comfy_encoders(graph, tiny_files):
+    return FakeClip(flux.load_text_encoders(graph["model"], torch.float32)), FakeVae(tiny_files["vae"])
+
+
+def test_encode_dataset_trains_like_the_engines_encoders_and_a_requeue_hits_the_cache(comfy, graph, comfy_encoders):
+    clip, vae = comfy_encoders
+    _, own_lora, _ = train(graph, "own-encoders", total_steps=2, steps_per_queue=2)
+    encoded, summary = EncodeDataset().encode(graph["model"], graph["dataset"], clip=clip, vae=vae)
+    assert summary.startswith("8 images: 8 encoded, 0 from the cache\ncaptions: 4 encoded, 0 from the cache")
+    assert "ComfyUI CLIP (comfy-clip-16-" in summary and "ComfyUI VAE (comfy-vae-" in summary
+    clip.calls = vae.calls = 0
+    _, lora, _ = train({**graph, "dataset": encoded}, "comfy-encoders", total_steps=2, steps_per_queue=2)
+    assert clip.calls == 0 and vae.calls == 0  # trained from the cache
+    for key, value in own_lora.items():  # the same embeddings; latents to float rounding of the pixel transform
+        torch.testing.assert_close(lora[key], value, rtol=1e-4, atol=1e-6, msg=key)
+    # A re-queue (or a ComfyUI restart: the ids come from the weights) finds everything encoded.
+    _, summary = EncodeDataset().encode(graph["model"], graph["dataset"], clip=clip, vae=vae)
+    assert summary.startswith("8 images: 0 encoded, 8 from the cache\ncaptions: 0 encoded, 4 from the cache")
+    # The worker process cannot get ComfyUI's objects: it trains from the cache by their ids.
+    _, worker_lora, _ = train({**graph, "dataset": encoded}, "comfy-worker", total_steps=2, steps_per_queue=2,
+                              worker_process=True)
+    assert all(torch.equal(worker_lora[k], lora[k]) for k in lora)
+    other_model = dataclasses.replace(graph["model"], t5_max_length=32)
+    with pytest.raises(ConfigError, match="different models"):
+        train({**graph, "dataset": encoded, "model": other_model}, "mismatch", total_steps=2)
+
+
+def test_per_step_captions_use_comfyuis_clip_in_process_and_refuse_a_worker(comfy, graph, comfy_encoders,
+                                                                              shapes_folder):
+    clip, _ = comfy_encoders
+    dataset, _ = DatasetFolder().build(str(shapes_folder), ".txt", "zwx", 64, 2, CaptionSettings(shuffle=True))
+    encoded, summary = EncodeDataset().encode(graph["model"], dataset, clip=clip)
+    assert summary.endswith("captions change every step: Train steps encodes them while it trains")
+    with pytest.raises(ConfigError, match="worker_process cannot train with ComfyUI's CLIP"):
+        train({**graph, "dataset": encoded}, "per-step-worker", total_steps=2, worker_process=True)
+    clip.calls = 0
+    run, _, _ = train({**graph, "dataset": encoded}, "per-step", total_steps=2, steps_per_queue=2)
+    assert run.step == 2 and clip.calls == 4  # 2 steps x batch 2, each caption encoded as read
+
+
+def test_comfyui_clip_pads_and_cuts_t5_input_as_the_engine_does(graph):
+    encoders = flux.load_text_encoders(graph["model"], torch.float32)  # t5_max_length 16
+    wrapped = host.ComfyTextEncoder(FakeClip(encoders), 16)
+    texts = ["zwx", "a red circle " * 10]  # 2 and 31 T5 tokens
+    for text, got in zip(texts, wrapped.encode_texts(texts)):
+        expected = flux.encode_prompts(encoders, [text])
+        assert got["t5"].shape == (16, 64)
+        assert torch.equal(got["t5"], expected["t5"][0]) and torch.equal(got["pooled"], expected["pooled"][0])

@@ -96,18 +96,18 @@ def test_second_open_hits_the_caches_and_a_changed_caption_misses_once(make_conf
     shutil.copytree(shapes_folder, images)
     cfg = make_config("a", data={"images": str(images), "cache_dir": str(tmp_path / "cache")})
     first = Session.open(cfg)
-    assert first.text_cache.misses > 0 and first.latent_cache.misses == 8
+    assert first.encoding.text_cache.misses > 0 and first.encoding.latent_cache.misses == 8
     second = Session.open(make_config("b", data={"images": str(images), "cache_dir": str(tmp_path / "cache")}))
-    assert second.text_cache.misses == 0 and second.latent_cache.misses == 0
+    assert second.encoding.text_cache.misses == 0 and second.encoding.latent_cache.misses == 0
     caption = sorted(images.glob("*.txt"))[0]
     caption.write_text("zwx, an entirely new caption")
     third = Session.open(make_config("c", data={"images": str(images), "cache_dir": str(tmp_path / "cache")}))
-    assert third.text_cache.misses == 1 and third.latent_cache.misses == 0
+    assert third.encoding.text_cache.misses == 1 and third.encoding.latent_cache.misses == 0
     image = sorted(images.glob("*.png"))[1]
     from PIL import Image
     Image.new("RGB", (64, 64), (0, 0, 255)).save(image)
     fourth = Session.open(make_config("d", data={"images": str(images), "cache_dir": str(tmp_path / "cache")}))
-    assert fourth.latent_cache.misses == 1 and fourth.text_cache.misses == 0
+    assert fourth.encoding.latent_cache.misses == 1 and fourth.encoding.text_cache.misses == 0
 
 
 def test_fp8_base_stays_fp8_and_trains_in_bf16(make_config, tiny_files):

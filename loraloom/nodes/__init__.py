@@ -7,7 +7,7 @@ import importlib.util
 
 from .adapter import ApplyTrainedAdapter, ExportAdapter
 from .captions import CaptionAffixes, CaptionFormat, CaptionShuffle, CaptionTags
-from .encode import EncodePrompt
+from .encode import EncodeDataset, EncodePrompt
 from .images import LossGraph, SideBySide
 from .settings import AdapterSettings, DatasetFolder, DatasetMetadata, ModelForTraining, OptimizerSettings
 from .train import TrainSteps
@@ -17,6 +17,7 @@ NODES = {
     "LoraLoomModel": (ModelForTraining, "Model for training"),
     "LoraLoomDatasetFolder": (DatasetFolder, "Dataset (folder)"),
     "LoraLoomDatasetMetadata": (DatasetMetadata, "Dataset (metadata file)"),
+    "LoraLoomEncodeDataset": (EncodeDataset, "Encode dataset (cache)"),
     "LoraLoomCaptionTags": (CaptionTags, "Caption tags (normalise)"),
     "LoraLoomCaptionShuffle": (CaptionShuffle, "Caption shuffle / dropout"),
     "LoraLoomCaptionAffixes": (CaptionAffixes, "Caption prefix / suffix"),

@@ -1,13 +1,94 @@
-"""Prompt encoding with the engine's text encoders, for sampling with stock nodes when ComfyUI's own CLIP
-loaders are not used (the run's encoders are already chosen on the Model for training node)."""
+"""Encoding outside the training loop: a dataset into the cache ahead of training (with ComfyUI's CLIP and VAE
+or the engine's encoders), and a prompt with the engine's text encoders for sampling with stock nodes."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from ..training.config import ModelConfig
+from ..training.config import ConfigError, DataConfig, ModelConfig, RunConfig, config_from_dict
+from ..training.encoders import Encoders
 from ..training.families import FAMILIES
+from ..training.session import EncodeSummary, encode_data
+from . import host
+from .runs import CACHE_SUBFOLDER
 from .widgets import CATEGORY
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedDataset:
+    """A dataset encoded into the cache, with the encoders that did it: Train steps takes it in place of the
+    plain dataset and trains with the same encoders."""
+    data: DataConfig
+    model: ModelConfig
+    encoders: Encoders
+    per_step_captions: bool  # captions change every step: training encodes them with ``encoders.text``
+
+    def for_training(self, model: ModelConfig, in_worker: bool) -> tuple[DataConfig, Encoders]:
+        """The dataset and encoders for a run on ``model``; refuses what that run could not do."""
+        if model != self.model:
+            raise ConfigError("Encode dataset and Train steps are connected to different models: connect the same "
+                              "Model for training node to both (the cache is keyed by the encoders it names)")
+        if in_worker and self.per_step_captions and self.encoders.text is not None:
+            raise ConfigError(
+                "worker_process cannot train with ComfyUI's CLIP here: the captions change every step (caption "
+                "shuffle / dropout), so they are encoded while training, and ComfyUI's CLIP cannot be handed to "
+                "another process. Turn worker_process off, leave the clip input of Encode dataset unconnected (the "
+                "worker then runs the model's own text encoders), or remove the per-step caption processors.")
+        return self.data, self.encoders
+
+
+class EncodeDataset:
+    DESCRIPTION = ("Encode the dataset's images and captions into the cache now, with ComfyUI's CLIP and VAE "
+                   "(from the loaders you know) or, where unconnected, the text encoders and VAE of the Model for "
+                   "training node. Connect its dataset output to Train steps: it trains with the same encoders, and "
+                   "later queue runs (and ComfyUI restarts) find everything encoded.")
+    CATEGORY = f"{CATEGORY}/data"
+    RETURN_TYPES = ("LORALOOM_DATASET", "STRING")
+    RETURN_NAMES = ("dataset", "summary")
+    OUTPUT_TOOLTIPS = ("The dataset with its encoders, for Train steps.",
+                       "Images and captions encoded now and found in the cache.")
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("LORALOOM_MODEL", {"tooltip": "The same Model for training node as Train steps."}),
+            "dataset": ("LORALOOM_DATASET", {"tooltip": "A Dataset (folder) or Dataset (metadata file) node."}),
+        }, "optional": {
+            "clip": ("CLIP", {"tooltip": "Flux text encoders from DualCLIPLoader (type flux). Unconnected: the "
+                              "model's clip_l and t5 files. Captions are padded to the model's t5_max_length."}),
+            "vae": ("VAE", {"tooltip": "The Flux VAE from VAELoader. Unconnected: the model's vae file."}),
+        }}
+
+    def encode(self, model: ModelConfig, dataset: DataConfig, clip=None, vae=None) -> tuple[EncodedDataset, str]:
+        if isinstance(dataset, EncodedDataset):
+            raise ConfigError("this dataset is already encoded: connect the Dataset node to Encode dataset directly")
+        image = host.ComfyImageEncoder(vae) if vae is not None else None
+        channels = FAMILIES[model.family].LATENT_CHANNELS
+        if image is not None and image.channels != channels:
+            raise ConfigError(f"the vae input makes {image.channels}-channel latents; {model.family} needs "
+                              f"{channels}: load the {model.family} VAE (ae.safetensors) with VAELoader")
+        encoders = Encoders(text=host.ComfyTextEncoder(clip, model.t5_max_length) if clip is not None else None,
+                            image=image)
+        data = dataclasses.replace(dataset, cache_dir=str(host.output_dir() / CACHE_SUBFOLDER))
+        cfg = config_from_dict(RunConfig(model=model, data=data).to_dict())
+        summary = encode_data(cfg, encoders)
+        return EncodedDataset(dataset, model, encoders, summary.per_step_captions), describe(summary, encoders)
+
+
+def describe(summary: EncodeSummary, encoders: Encoders) -> str:
+    """The Encode dataset node's summary: what was encoded, what came from the cache, with which encoders."""
+    lines = [f"{summary.images} images: {summary.latents_encoded} encoded, {summary.latents_cached} from the cache",
+             f"captions: {summary.texts_encoded} encoded, {summary.texts_cached} from the cache",
+             "text encoder: " + (f"ComfyUI CLIP ({encoders.text.id})" if encoders.text else "the model's files"),
+             "VAE: " + (f"ComfyUI VAE ({encoders.image.id})" if encoders.image else "the model's file")]
+    if summary.skipped:
+        lines.append("skipped: " + ", ".join(f"{reason} {count}" for reason, count in summary.skipped.items()))
+    if summary.per_step_captions:
+        lines.append("captions change every step: Train steps encodes them while it trains")
+    return "\n".join(lines)
 
 
 def encode_prompt(model: ModelConfig, text: str, guidance: float) -> list:

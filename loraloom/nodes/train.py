@@ -26,9 +26,11 @@ from ..training.config import (
     TrainConfig,
     config_from_dict,
 )
+from ..training.encoders import Encoders
 from ..training.metrics import read_metrics
 from ..training.session import Session
 from . import host
+from .encode import EncodedDataset
 from .progress import EVENT, ProgressReport
 from .runs import CACHE_SUBFOLDER, LossHistory, TrainedRun, run_dir
 from .widgets import CATEGORY, widget
@@ -94,14 +96,14 @@ def _save(session: Session, report: ProgressReport) -> None:
 
 
 def train_chunk(cfg: RunConfig, schedule: Schedule, report: ProgressReport, on_step: Callable[[int], None],
-                stop_requested: Callable[[], bool]) -> tuple[int, Path] | None:
+                stop_requested: Callable[[], bool], encoders: Encoders | None = None) -> tuple[int, Path] | None:
     """Open the run, advance it, export its adapter: (step, adapter file), or None when cancelled.
 
     The one training path of both the in-process node and the worker process.
     """
     # ComfyUI runs nodes under inference_mode; training needs autograd back.
     with torch.inference_mode(False), torch.enable_grad():
-        session = Session.open(cfg, on_event=report.on_engine_event)
+        session = Session.open(cfg, on_event=report.on_engine_event, encoders=encoders)
         on_step(session.state.step)
         if advance(session, schedule, report, on_step, stop_requested):
             return None
@@ -123,7 +125,8 @@ class TrainSteps:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("LORALOOM_MODEL",),
-            "dataset": ("LORALOOM_DATASET",),
+            "dataset": ("LORALOOM_DATASET", {"tooltip": "A Dataset node, or Encode dataset to train with ComfyUI's "
+                                             "CLIP / VAE and a cache filled ahead."}),
             "adapter": ("LORALOOM_ADAPTER",),
             "optimizer": ("LORALOOM_OPTIMIZER",),
             "run_name": ("STRING", {"default": "my-lora", "tooltip": "The run's folder under "
@@ -157,11 +160,14 @@ class TrainSteps:
     def IS_CHANGED(cls, **_):
         return float("nan")  # NaN never equals itself: every queue item trains, never a cached result
 
-    def train(self, model: ModelConfig, dataset: DataConfig, adapter: AdapterConfig, optimizer: OptimizerConfig,
-              run_name: str, total_steps: int, steps_per_queue: int, batch_size: int, training_seed: int,
-              guidance: float, timesteps: str, mixed_precision: str, gradient_checkpointing: bool,
+    def train(self, model: ModelConfig, dataset: DataConfig | EncodedDataset, adapter: AdapterConfig,
+              optimizer: OptimizerConfig, run_name: str, total_steps: int, steps_per_queue: int, batch_size: int,
+              training_seed: int, guidance: float, timesteps: str, mixed_precision: str, gradient_checkpointing: bool,
               checkpoint_every: int, validate_every: int, preview_every: int, preview_prompt: str, preview_steps: int,
               preview_guidance: float, worker_process: bool = False, gpus: int = 1, unique_id: str = ""):
+        encoders = None
+        if isinstance(dataset, EncodedDataset):
+            dataset, encoders = dataset.for_training(model, worker_process or gpus > 1)
         output_dir = host.output_dir()
         train = TrainConfig(steps=total_steps, batch_size=batch_size, seed=training_seed, guidance=guidance,
                             timesteps=timesteps, mixed_precision=mixed_precision,
@@ -172,11 +178,12 @@ class TrainSteps:
         cfg = run_config(output_dir, run_name, model, dataset, adapter, optimizer, train, sample)
         report = ProgressReport(str(unique_id), run_name, total_steps, output_dir, partial(host.send_progress, EVENT))
         return execute(cfg, Schedule(steps_per_queue, preview_every), report,
-                       host.progress_bar(total_steps, str(unique_id)), in_worker=worker_process, gpus=gpus)
+                       host.progress_bar(total_steps, str(unique_id)), in_worker=worker_process, gpus=gpus,
+                       encoders=encoders)
 
 
 def execute(cfg: RunConfig, schedule: Schedule, report: ProgressReport, bar, in_worker: bool = False,
-            gpus: int = 1):
+            gpus: int = 1, encoders: Encoders | None = None):
     """Train a chunk of the run, in this process or in workers (always with several GPUs); the node's outputs."""
     report.state("loading")
     host.free_models()
@@ -184,9 +191,9 @@ def execute(cfg: RunConfig, schedule: Schedule, report: ProgressReport, bar, in_
         if in_worker or gpus > 1:
             from .worker import train_in_worker
 
-            done = train_in_worker(cfg, schedule, report, bar.update_absolute, host.interrupted, gpus)
+            done = train_in_worker(cfg, schedule, report, bar.update_absolute, host.interrupted, gpus, encoders)
         else:
-            done = train_chunk(cfg, schedule, report, bar.update_absolute, host.interrupted)
+            done = train_chunk(cfg, schedule, report, bar.update_absolute, host.interrupted, encoders)
         if done is None:  # Cancel was pressed and the run checkpointed: end the prompt as ComfyUI does
             host.raise_if_interrupted()
             raise RuntimeError(f"run {report.run!r} stopped at a checkpoint on request")

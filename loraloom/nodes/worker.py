@@ -28,6 +28,8 @@ from typing import Any
 from ..loaders.files import atomic_write_bytes
 from ..training import distributed
 from ..training.config import RunConfig, config_from_dict
+from ..training.encoders import CachedOnly, Encoders
+from ..training.session import encode_data
 from .progress import ProgressReport
 
 PACK_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds the loraloom package
@@ -37,11 +39,22 @@ POLL_SECONDS = 0.25
 
 
 def train_in_worker(cfg: RunConfig, schedule, report: ProgressReport, on_step: Callable[[int], None],
-                    stop_requested: Callable[[], bool], processes: int = 1) -> tuple[int, Path] | None:
-    """:func:`~.train.train_chunk` in a child process (``processes`` of them, one per GPU); same result."""
+                    stop_requested: Callable[[], bool], processes: int = 1, encoders: Encoders | None = None
+                    ) -> tuple[int, Path] | None:
+    """:func:`~.train.train_chunk` in a child process (``processes`` of them, one per GPU); same result.
+
+    Given encoders (ComfyUI's CLIP or VAE) stay here: everything the run reads is encoded into the cache first,
+    and the workers read it by their ids. A run whose captions change every step cannot do that (the caller
+    refuses it)."""
     run_dir = Path(cfg.output.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    given = {}
+    if encoders and (encoders.text or encoders.image):
+        encode_data(cfg, encoders)
+        given = {kind: encoder.id for kind, encoder in (("text", encoders.text), ("image", encoders.image))
+                 if encoder is not None}
     job = {"config": cfg.to_dict(), "steps": schedule.steps, "preview_every": schedule.preview_every,
-           "node": report.node, "run": report.run, "output_dir": str(report.output_dir)}
+           "node": report.node, "run": report.run, "output_dir": str(report.output_dir), "encoders": given}
     atomic_write_bytes(run_dir / JOB_FILE, json.dumps(job).encode())  # a file: every rank reads it
     module, args = "loraloom.nodes.worker", [str(run_dir / JOB_FILE)]
     command = ([sys.executable, "-m", module, *args] if processes == 1
@@ -107,6 +120,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     job = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
     cfg = config_from_dict(job["config"])
+    encoders = Encoders(**{kind: CachedOnly(encoder_id) for kind, encoder_id in job["encoders"].items()})
     with distributed.process_group():
         main_rank = distributed.rank_and_world()[0] == 0
 
@@ -119,7 +133,7 @@ def main() -> int:
                                 lambda payload: send({"progress": payload}))
         # A stop seen by one rank stops every rank after the same step, or their collectives would part ways.
         done = train_chunk(cfg, Schedule(job["steps"], job["preview_every"]), report, lambda step: None,
-                           lambda: distributed.any_rank(stop.is_set()))
+                           lambda: distributed.any_rank(stop.is_set()), encoders)
     if done is None:
         send({"cancelled": report.step})
     else:

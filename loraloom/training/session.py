@@ -30,14 +30,14 @@ from PIL import Image
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from ..loaders.cache import EncoderCache, text_key
-from ..loaders.dataset import LatentSpec, TrainingData
-from ..loaders.files import atomic_save_safetensors, fingerprint, writable_folder
-from ..loaders.images import DatasetError, decode_batches, save_png, to_pil
+from ..loaders.dataset import TrainingData
+from ..loaders.files import fingerprint, writable_folder
+from ..loaders.images import save_png, to_pil
 from ..loaders.sampler import BucketBatchSampler, SamplerPosition
 from ..loaders.sources import SourceSettings
 from . import adapters, checkpoint, distributed
 from .config import ConfigError, RunConfig, config_from_dict, plain_file_name, to_toml
+from .encoders import CachedEncoders, Encoders, FamilyImageEncoder
 from .export import EXPORT_DTYPES, kohya_metadata, write_lora
 from .families import FAMILIES
 from .metrics import MetricsLog
@@ -48,9 +48,6 @@ log = logging.getLogger(__name__)
 Event = dict[str, Any]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VALIDATION_TIMESTEPS = 4
-ENCODE_BATCH = 8  # images per VAE call while building the latent cache
-IMAGES_PER_WORKER = 32  # fewer missing latents than this per worker decode in-process (no start-up cost)
-TEXT_CHUNK = 256  # captions per cache pass at start-up
 # Model files are compared by content (fingerprints.json), so a run folder moved with its models resumes.
 MODEL_FILES = ("transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")
 # Keys a resume may change: they do not alter what the next step computes. Any other changed key (base
@@ -97,7 +94,7 @@ class Session:
         self.cfg = cfg
         self.run_dir = run_dir
         self.family = FAMILIES[cfg.model.family]
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = default_device()
         self.compute_dtype = DTYPES[cfg.train.mixed_precision]
         self.metrics = MetricsLog(run_dir)
         self.on_event = on_event
@@ -112,12 +109,16 @@ class Session:
     # ------------------------------------------------------------ set-up
 
     @classmethod
-    def open(cls, cfg: RunConfig, on_event: Callable[[Event], None] | None = None) -> Session:
-        """Build the run in ``cfg.output.run_dir``; continue from its newest valid checkpoint if any."""
+    def open(cls, cfg: RunConfig, on_event: Callable[[Event], None] | None = None,
+             encoders: Encoders | None = None) -> Session:
+        """Build the run in ``cfg.output.run_dir``; continue from its newest valid checkpoint if any.
+
+        ``encoders``: text and/or image encoders to use instead of the family's own (see :mod:`.encoders`).
+        """
         run_dir = writable_folder(cfg.output.run_dir, "output.run_dir")
         self = cls(cfg, run_dir, on_event)
         self._warn_about_guidance()
-        self._load_data()
+        self._load_data(encoders or Encoders())
         self._load_model()
         found = self._newest_checkpoint()
         if found:
@@ -145,100 +146,34 @@ class Session:
                 "embedding drifts and LoRAs collapse. Train a de-distilled base (e.g. Flux-dev2pro) at 1.0 and "
                 "apply the LoRA to Flux-dev.", stacklevel=2)
 
-    def _load_data(self) -> None:
+    def _load_data(self, given: Encoders) -> None:
         cfg = self.cfg
         cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.run_dir.parent / "cache"
         with distributed.main_first():  # the other ranks read the index rank 0 cached
             self.data = data = training_data(cfg, cache_root)
-        self.vae = self.family.load_vae(cfg.model.vae, allow_pickle=cfg.model.allow_pickle).to(self.device)
-        # Read once, each after its file loaded (or before, for the lazily loaded text encoders): the encoder
-        # caches are keyed by them and checkpoints compare them on resume.
-        self.model_fingerprints = {f"model.{name}": fingerprint(path) for name in MODEL_FILES[1:]
-                                   if (path := getattr(cfg.model, name))}
-        self._encode_latents(cache_root, data)  # drops images that do not decode, before the first step
+        # Model files are fingerprinted once, here: the caches are keyed by them and checkpoints compare them.
+        self.encoding = coding = CachedEncoders(self.family, cfg.model, cache_root, given, self.device)
+        self.model_fingerprints = dict(coding.fingerprints)
+        coding.encode_latents(data, cfg.data)  # drops images that do not decode, before the first step
         self.train_rows, val_rows, self.sampler = split_and_sample(cfg, data)
         held_out = len(val_rows) if cfg.data.validation_images else 0
         # Texts that never change (or their K variants) are encoded once; per-step ones at each step.
         per_step = cfg.data.caption_variants == 0 and any(data.varies(r) for r in self.train_rows)
         fixed = [t for r in self.train_rows for t in data.variant_captions(r)]
         val_texts = [data.fixed_caption(r) for r in val_rows]
-        self._encode_texts(cache_root, list(dict.fromkeys(fixed + val_texts + list(cfg.sample.prompts))),
-                           keep_encoders=per_step)
-        val_latents = self._latents([data.latent_spec(r) for r in val_rows])
-        self.val_items = [Item(lat, txt) for lat, txt in zip(val_latents, self._embed(val_texts))]
-        self.sample_texts = dict(zip(cfg.sample.prompts, self._embed(list(cfg.sample.prompts))))
+        coding.cache_texts(list(dict.fromkeys(fixed + val_texts + list(cfg.sample.prompts))))
+        if not per_step:
+            coding.text.release()  # everything the run reads is cached: no text encoder stays in memory
+        val_latents = coding.latents([data.latent_spec(r) for r in val_rows])
+        self.val_items = [Item(lat, txt) for lat, txt in zip(val_latents, coding.embed(val_texts))]
+        self.sample_texts = dict(zip(cfg.sample.prompts, coding.embed(list(cfg.sample.prompts))))
+        # Previews decode with the family's VAE, also when another image encoder made the latents.
+        self.preview_vae = (coding.image if isinstance(coding.image, FamilyImageEncoder)
+                            else FamilyImageEncoder(self.family, cfg.model, self.device))
         self.dataset_fingerprint = data.fingerprint({**data.settings_dict(), "held_out": held_out})
         summary = data.summary()
         self._emit({"type": "dataset", "train": len(self.train_rows), "validation": len(val_rows),
                     "held_out": held_out, "skipped": summary["skipped"], "buckets": summary["buckets"]})
-
-    def _encode_latents(self, root: Path, data: TrainingData) -> None:
-        """Make sure every record's latent (each flip too) is cached; decoding runs in DataLoader workers.
-
-        With several ranks each encodes every world-th entry, then all learn which images failed to decode.
-        """
-        cache = EncoderCache(root, "latents", self.model_fingerprints["model.vae"])
-        self.latent_cache = cache
-        flips = (False, True) if data.bucket_settings.flip else (False,)
-        rank, world = distributed.rank_and_world()
-        specs = [(row, data.latent_spec(row, flip)) for row in range(len(data)) for flip in flips][rank::world]
-        missing = [(row, spec) for row, spec in specs if not cache.path(spec.key).is_file()]
-        cache.hits += len(specs) - len(missing)
-        cache.misses += len(missing)
-        workers = min(self.cfg.data.workers, len(missing) // IMAGES_PER_WORKER)  # a handful decodes in-process
-        failed: set[int] = set()
-        with torch.no_grad():
-            for done, pixels, bad in decode_batches([s for _, s in missing], ENCODE_BATCH, workers,
-                                                    self.cfg.data.background):
-                failed.update(missing[i][0] for i in bad)
-                if pixels is not None:
-                    for i, latent in zip(done, self.family.encode_images(self.vae, pixels)):
-                        atomic_save_safetensors({"latent": latent}, cache.path(missing[i][1].key))
-        failed = set().union(*distributed.all_gather(failed))  # waits for every rank's share, like a barrier
-        data.drop(sorted(failed), "unreadable image")
-
-    def _latents(self, specs: list[LatentSpec]) -> list[torch.Tensor]:
-        def vanished(missing: list[int]) -> list[dict[str, torch.Tensor]]:
-            raise DatasetError(f"{specs[missing[0]].path}: its cached latent disappeared from "
-                               f"{self.latent_cache.folder} during the run; reopen the session to rebuild it")
-        return [e["latent"] for e in self.latent_cache.get_many([s.key for s in specs], vanished)]
-
-    def _encode_texts(self, root: Path, prompts: list[str], keep_encoders: bool) -> None:
-        """Cache the embeddings of ``prompts``; keep the encoders loaded only if captions vary per step."""
-        m = self.cfg.model
-        # bf16 on a GPU (T5-XXL in fp32 needs 19 GB); the dtype changes the embeddings, so it is in the key.
-        self.text_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        files = [self.model_fingerprints.get(f"model.{name}", "")[:8]
-                 for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")]
-        encoder_id = "-".join([*filter(None, files), str(m.t5_max_length), str(self.text_dtype).removeprefix("torch.")])
-        self.text_cache = EncoderCache(root, "text", encoder_id)
-        self._text_encoders = None
-        rank, world = distributed.rank_and_world()
-        share = prompts[rank::world]  # each rank encodes the missing entries of its share
-        for start in range(0, len(share), TEXT_CHUNK):  # in chunks: a million embeddings never sit in memory
-            self._embed(share[start:start + TEXT_CHUNK])
-        distributed.barrier()  # every rank's share is cached
-        self._text_encoders = self._loaded_text_encoders() if keep_encoders else None
-
-    def _embed(self, texts: list[str], store: bool = True) -> list[dict[str, torch.Tensor]]:
-        """Text embeddings from the cache, encoding the missing ones (stored unless ``store`` is False)."""
-        if not store:
-            return self._run_text_encoders(texts)
-        return self.text_cache.get_many([text_key(t) for t in texts],
-                                        lambda missing: self._run_text_encoders([texts[i] for i in missing]))
-
-    def _run_text_encoders(self, texts: list[str]) -> list[dict[str, torch.Tensor]]:
-        encoders = self._text_encoders = self._loaded_text_encoders()
-        with torch.no_grad():
-            return [{k: v[0] for k, v in self.family.encode_prompts(encoders, [t]).items()} for t in texts]
-
-    def _loaded_text_encoders(self):
-        if self._text_encoders is None:  # loaded on the first cache miss only
-            encoders = self.family.load_text_encoders(self.cfg.model, self.text_dtype)
-            encoders.clip.to(self.device)
-            encoders.t5.to(self.device)
-            self._text_encoders = encoders
-        return self._text_encoders
 
     def _load_model(self) -> None:
         cfg = self.cfg
@@ -353,7 +288,7 @@ class Session:
         texts = [data.caption_at(r, where.epoch, where.batch, slot) for slot, r in enumerate(rows)]
         # Per-step captions are encoded fresh and not stored: they would fill the cache with one-off texts.
         store = self.cfg.data.caption_variants > 0 or not any(data.varies(r) for r in rows)
-        return [Item(lat, txt) for lat, txt in zip(self._latents(specs), self._embed(texts, store))]
+        return [Item(lat, txt) for lat, txt in zip(self.encoding.latents(specs), self.encoding.embed(texts, store))]
 
     def _loss(self, batch: list[Item], t: torch.Tensor | None = None, noise: torch.Tensor | None = None
               ) -> torch.Tensor:
@@ -406,14 +341,15 @@ class Session:
         """One preview image for a prompt of ``sample.prompts``, with or without the adapter."""
         s = self.cfg.sample
         res = s.resolution or self.cfg.data.resolution
-        f = self.family.vae_factor(self.vae)
+        vae = self.preview_vae.vae
+        f = self.family.vae_factor(vae)
         self.transformer.eval()
         with self._autocast(), (nullcontext() if adapter else adapters.adapter_disabled(self.transformer)):
             text = {k: v[None] for k, v in self.sample_texts[prompt].items()}
             raw = self.family.sample(self.transformer, text, (res // f, res // f),
-                                     self.vae.config.latent_channels, seed, steps or s.steps,
+                                     vae.config.latent_channels, seed, steps or s.steps,
                                      s.guidance if guidance is None else guidance)
-        return to_pil(self.family.decode_latents(self.vae, raw)[0])
+        return to_pil(self.family.decode_latents(vae, raw)[0])
 
     def preview(self) -> Path:
         """Side-by-side picture of every sample prompt and seed without and with the adapter (call on rank 0)."""
@@ -542,6 +478,36 @@ def training_data(cfg: RunConfig, cache_root: Path | None) -> TrainingData:
                               cache_root=cache_root)
 
 
+@dataclasses.dataclass(frozen=True)
+class EncodeSummary:
+    """What :func:`encode_data` did."""
+    images: int  # records that decoded
+    skipped: dict[str, int]  # records left out, by reason
+    latents_encoded: int
+    latents_cached: int  # found in the cache
+    texts_encoded: int
+    texts_cached: int
+    per_step_captions: bool  # captions change every step: training needs a text encoder, not only the cache
+
+
+def encode_data(cfg: RunConfig, encoders: Encoders | None = None) -> EncodeSummary:
+    """Fill the caches with the latents and text embeddings a run of ``cfg`` reads, without opening the run.
+
+    Texts: every record's fixed caption (validation may pick any record) and caption variants, and the sample
+    prompts. Captions that change every step cannot be encoded ahead; ``per_step_captions`` says so.
+    """
+    root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.output.run_dir).parent / "cache"
+    data = training_data(cfg, root)
+    coding = CachedEncoders(FAMILIES[cfg.model.family], cfg.model, root, encoders or Encoders(), default_device())
+    coding.encode_latents(data, cfg.data)
+    texts = [t for r in range(len(data)) for t in (*data.variant_captions(r), data.fixed_caption(r))]
+    coding.cache_texts(list(dict.fromkeys(texts + list(cfg.sample.prompts))))
+    coding.text.release()
+    latents, text = coding.latent_cache, coding.text_cache
+    return EncodeSummary(len(data), dict(data.skipped), latents.misses, latents.hits, text.misses, text.hits,
+                         cfg.data.caption_variants == 0 and any(data.varies(r) for r in range(len(data))))
+
+
 def split_and_sample(cfg: RunConfig, data: TrainingData) -> tuple[np.ndarray, np.ndarray, BucketBatchSampler]:
     """(training rows, validation rows, this rank's batch sampler over the training rows)."""
     held_out = min(cfg.data.validation_images, len(data) - 1)
@@ -586,6 +552,10 @@ def describe_dataset(cfg: RunConfig, cache_root: Path | None, samples: int = 8, 
 
 def _rank_file(name: str, rank: int) -> str:
     return name if rank == 0 else f"rank{rank}-{name}"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _cuda_devices() -> list[int]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import dataclasses
 import io
 import json
 import os
@@ -41,16 +42,24 @@ websocket = pytest.importorskip("websocket", reason="websocket-client not instal
 import torch  # noqa: E402
 from diffusers import AutoencoderKL  # noqa: E402
 from PIL import Image  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel  # noqa: E402
 
+from loraloom.loaders.cache import text_key  # noqa: E402
 from loraloom.loaders.files import atomic_save_safetensors  # noqa: E402
+from loraloom.loaders.images import decode_batches  # noqa: E402
+from loraloom.training.config import DataConfig, ModelConfig, RunConfig  # noqa: E402
 from loraloom.training.demo_data import write_shapes_dataset  # noqa: E402
+from loraloom.training.families import flux  # noqa: E402
 from loraloom.training.families.flux_layout import transformer_to_bfl, vae_to_ldm  # noqa: E402
-from loraloom.training.tiny_models import REAL_WIDTH, build_flux, write_flux_files  # noqa: E402
+from loraloom.training.session import training_data  # noqa: E402
+from loraloom.training.tiny_models import REAL_WIDTH, TINY, build_flux, write_flux_files  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from workflow_forms import ui_from_api  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
 EXAMPLES = REPO / "example_workflows"
 LAUNCHER = REPO / "tests" / "browser" / "run_comfyui.py"  # main.py with torchvision stubbed when absent
 
@@ -84,7 +93,27 @@ def write_models(base: Path) -> dict[str, str]:
                for i, image in enumerate(images)]
     (base / "input" / "danbooru").mkdir()
     (base / "input" / "danbooru" / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    write_comfy_text_encoders(models)
     return {"clip_tokenizer": str(files["tokenizer"]), "t5_tokenizer": str(files["tokenizer_2"])}
+
+
+def write_comfy_text_encoders(models: Path) -> None:
+    """CLIP-L and T5 at the real vocabularies (ComfyUI's bundled tokenizers read them) but tiny widths, for
+    tiny_flux_clip_node.py, and a Flux transformer of their widths (context 64, pooled 64) to train on them."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        clip = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=1,
+            max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407))
+        t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=64, d_kv=32, d_ff=128, num_layers=1, num_heads=2,
+                                     feed_forward_proj="gated-gelu", is_encoder_decoder=False))
+    clip_sd = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in clip.state_dict().items()}
+    atomic_save_safetensors(clip_sd, models / "text_encoders" / "clip_l-comfy-tiny.safetensors")
+    t5_sd = {k: v for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    atomic_save_safetensors(t5_sd, models / "text_encoders" / "t5-comfy-tiny.safetensors")
+    narrow = build_flux(dataclasses.replace(TINY, double_blocks=1, single_blocks=1), seed=4).transformer
+    atomic_save_safetensors(transformer_to_bfl(narrow.state_dict()),
+                            models / "diffusion_models" / "flux1-narrow-tiny.safetensors")
 
 
 class Comfy:
@@ -157,6 +186,7 @@ def comfy(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "lora-loom").symlink_to(REPO, target_is_directory=True)
+    (base / "custom_nodes" / "tiny_flux_clip_node.py").symlink_to(HERE / "tiny_flux_clip_node.py")
     tokenizers = write_models(base)
     port, log = free_port(), base / "server.log"
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
@@ -377,6 +407,86 @@ def test_model_node_trains_from_an_all_in_one_checkpoint(comfy):
     config = (run_dir / "checkpoints" / "step-00000001" / "config.toml").read_text()
     assert config.count("checkpoints/flux1-dev2pro-aio-tiny.safetensors") == 4
     assert (comfy.base / "models" / "loras" / "loraloom" / "from-checkpoint.safetensors").is_file()
+
+
+def with_defaults(prompt: dict, object_info: dict) -> dict:
+    """Every input a node of ``prompt`` leaves out set to its widget's default (a list widget: its first entry)."""
+    for node in prompt.values():
+        spec = object_info[node["class_type"]]["input"]
+        for name, (kind, *options) in {**spec["required"], **spec.get("optional", {})}.items():
+            default = (options[0] if options else {}).get("default", kind[0] if isinstance(kind, list) else None)
+            if name not in node["inputs"] and default is not None:
+                node["inputs"][name] = default
+    return prompt
+
+
+def test_encode_dataset_with_comfyuis_clip_and_vae_trains_and_hits_the_cache(comfy):
+    """ComfyUI's VAE from the stock VAELoader (real Flux VAE architecture) and ComfyUI's Flux CLIP (its loader
+    function, tokenizers and classes, tiny widths: tiny_flux_clip_node.py) encode the dataset; Train steps
+    trains on it across queue runs; after ComfyUI forgets its node outputs (as after a restart) the Encode
+    dataset node runs again with newly loaded encoders, finds it all cached, and the run resumes with them;
+    the cached embeddings and latents equal the engine's own encoders' on the same files."""
+    prompt = with_defaults({
+        "model": {"class_type": "LoraLoomModel", "inputs": {
+            "transformer": "flux1-narrow-tiny.safetensors", "clip_l": "clip_l-comfy-tiny.safetensors",
+            "t5": "t5-comfy-tiny.safetensors", "vae": "ae-tiny.safetensors", "t5_max_length": 16}},
+        "data": {"class_type": "LoraLoomDatasetFolder", "inputs": {"folder": "shapes", "trigger": "zwx",
+                                                                   "resolution": 64, "validation_images": 1}},
+        "clip": {"class_type": "TinyFluxCLIPLoader", "inputs": {
+            "clip_name1": "clip_l-comfy-tiny.safetensors", "clip_name2": "t5-comfy-tiny.safetensors"}},
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "ae-tiny.safetensors"}},
+        "encode": {"class_type": "LoraLoomEncodeDataset", "inputs": {
+            "model": ["model", 0], "dataset": ["data", 0], "clip": ["clip", 0], "vae": ["vae", 0]}},
+        "summary": {"class_type": "PreviewAny", "inputs": {"source": ["encode", 1]}},
+        "adapter": {"class_type": "LoraLoomAdapter", "inputs": {"rank": 4, "alpha": 4.0}},
+        "optimizer": {"class_type": "LoraLoomOptimizer", "inputs": {"lr": 0.001, "scheduler": "constant"}},
+        "train": {"class_type": "LoraLoomTrainSteps", "inputs": {
+            "model": ["model", 0], "dataset": ["encode", 0], "adapter": ["adapter", 0],
+            "optimizer": ["optimizer", 0], "run_name": "comfy-encoders", "total_steps": 2, "steps_per_queue": 1,
+            "mixed_precision": "fp32", "gradient_checkpointing": False, "checkpoint_every": 0,
+            "validate_every": 0}},
+    }, comfy.get("/object_info"))
+    summaries = []
+    for queue in range(3):
+        if queue == 2:  # as after a restart: ComfyUI forgets every node output, loads CLIP and VAE anew
+            comfy.post("/free", {"unload_models": True, "free_memory": True})
+            # The flags are read after a prompt: a trivial one, so that the next finds the caches empty.
+            assert_succeeded(comfy.wait(comfy.queue({"a": prompt["adapter"], "p": {
+                "class_type": "PreviewAny", "inputs": {"source": ["a", 0]}}})), comfy)
+            prompt["train"]["inputs"]["total_steps"] = 3
+        since = len(comfy.messages)
+        entry = comfy.wait(comfy.queue(prompt))
+        assert_succeeded(entry, comfy)
+        assert [p["step"] for e in comfy.progress(since, "comfy-encoders") for p in e["points"]] == [queue + 1]
+        summaries += entry["outputs"].get("summary", {}).get("text", [])
+    first, cached, again = summaries
+    assert cached == first  # the second queue run reused the Encode node's output: ComfyUI did not run it again
+    assert first.startswith("4 images: 4 encoded, 0 from the cache\ncaptions: 4 encoded, 0 from the cache")
+    assert again.startswith("4 images: 0 encoded, 4 from the cache\ncaptions: 0 encoded, 4 from the cache")
+    assert "ComfyUI CLIP (comfy-clip-16-" in first and "ComfyUI VAE (comfy-vae-" in first
+
+    cache = comfy.base / "output" / "loraloom" / "cache"
+    [text_folder] = (cache / "text").glob("comfy-clip-16-*")
+    [latent_folder] = (cache / "latents").glob("comfy-vae-*")
+    comfy_root = Path(COMFYUI_PATH) / "comfy"
+    text_encoders = comfy.base / "models" / "text_encoders"
+    model = ModelConfig(text_encoder=str(text_encoders / "clip_l-comfy-tiny.safetensors"),
+                        text_encoder_2=str(text_encoders / "t5-comfy-tiny.safetensors"),
+                        tokenizer=str(comfy_root / "sd1_tokenizer"),
+                        tokenizer_2=str(comfy_root / "text_encoders" / "t5_tokenizer"), t5_max_length=16)
+    encoders = flux.load_text_encoders(model, torch.float32)
+    data = training_data(RunConfig(data=DataConfig(images=str(comfy.base / "input" / "shapes"), trigger="zwx",
+                                                   resolution=64)), None)
+    for caption in {data.fixed_caption(r) for r in range(len(data))}:
+        cached = load_file(text_folder / text_key(caption)[:2] / f"{text_key(caption)}.safetensors")
+        engine = flux.encode_prompts(encoders, [caption])
+        torch.testing.assert_close(cached["t5"], engine["t5"][0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(cached["pooled"], engine["pooled"][0], rtol=1e-4, atol=1e-5)
+    vae = flux.load_vae(comfy.base / "models" / "vae" / "ae-tiny.safetensors")
+    spec = data.latent_spec(0)
+    [(_, pixels, _)] = decode_batches([spec], 1, 0, (255, 255, 255))
+    cached = load_file(latent_folder / spec.key[:2] / f"{spec.key}.safetensors")["latent"]
+    torch.testing.assert_close(cached, flux.encode_images(vae, pixels)[0], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["no-such-run", "..", "%2E%2E", "..%2F..%2Fuser", ".hidden"])

@@ -31,6 +31,7 @@ ARCHITECTURE = "flux-1-dev"  # modelspec.architecture of exported adapters
 LATENT_SHIFT = 0.1159
 LATENT_SCALE = 0.3611
 VAE_FACTOR = 8  # real Flux VAE; tiny kits may differ, read from the loaded VAE
+LATENT_CHANNELS = 16  # raw VAE latent channels: 4 x 16 = the transformer's packed input
 BUCKET_DIVISOR = 16  # image sides of buckets: VAE factor 8 x 2x2 latent patches
 CONFIG_DIR = Path(__file__).with_name("configs")
 
@@ -327,7 +328,8 @@ def _t5_config(sd: dict, tokenizer) -> T5Config:
 def encode_prompts(enc: TextEncoders, prompts: list[str]) -> dict[str, torch.Tensor]:
     """Prompts → {'t5': (B, T, D_t5), 'pooled': (B, D_clip)} as Flux's pipeline computes them."""
     device = enc.t5.device
-    clip_ids = enc.clip_tokenizer(prompts, padding="max_length", max_length=enc.clip_tokenizer.model_max_length,
+    # CLIP's positions, not the tokenizer's model_max_length: ComfyUI's bundled sd1_tokenizer says 8192.
+    clip_ids = enc.clip_tokenizer(prompts, padding="max_length", max_length=enc.clip.config.max_position_embeddings,
                                   truncation=True, return_tensors="pt").input_ids
     pooled = enc.clip(clip_ids.to(device), output_hidden_states=False).pooler_output
     t5_ids = enc.t5_tokenizer(prompts, padding="max_length", max_length=enc.t5_max_length,
