@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from loraloom.loaders import captions as cp
 from loraloom.loaders import sources as src
 from loraloom.loaders.buckets import BucketSettings
 from loraloom.loaders.captions import CaptionSettings
@@ -204,6 +205,38 @@ def test_the_index_is_cached_and_rebuilt_when_the_source_changes(tmp_path, monke
     monkeypatch.setattr(src, "index_source", real)
     file.write_text("\n".join(json.dumps(r) for r in rows[:2]))
     assert len(build([source], cache_root=tmp_path / "cache")) == 2
+
+
+def test_each_steps_caption_is_the_whole_chain_run_on_the_caption_text(tmp_path):
+    """Fixed processors run once with the index, per-step ones each step: the text is the same as running the
+    whole chain on the caption file's text with the step's seed (and a tag holding \\x1f is not packed)."""
+    rng = random.Random(0)
+    texts = [f"a_b, c ||| {', '.join(rng.sample(['d_e', 'f', 'g', 'f', 'h_(i)', 'j'], 5))} ||| k\nl_m ||| n, o"
+             for _ in range(20)] + ["odd\x1ftag ||| p, q, r_st", "only, one_line"]
+    file = tmp_path / "meta.jsonl"
+    file.write_text("\n".join(json.dumps({"path": f"{i}.png", "caption": t, "md5": f"{i:032x}", "width": 64,
+                                          "height": 64}) for i, t in enumerate(texts)))
+    settings = CaptionSettings(choose=True, underscores=True, escape_parentheses=True, dedupe=True, shuffle=True,
+                               tag_dropout=0.2)
+    source = src.SourceSettings(path=str(file), captions=settings)
+    chain = settings.chain("trig")
+    data = build([source], trigger="trig", seed=3, cache_root=tmp_path / "cache")
+    assert data.prepared[20].as_py() is None and data.prepared[21].as_py() is not None
+    for row, text in enumerate(texts):
+        assert data.caption_at(row, 2, 7, 1) == cp.process(text, chain, random.Random("step:3:2:7:1"))
+    # Validation reads the first line after the fixed processors (choose, per step, does not skip them).
+    assert data.fixed_caption(21) == "trig, only, one line" and data.fixed_caption(20) == "trig, odd\x1ftag, p, q, r st"
+    variants = build([source], trigger="trig", seed=3, caption_variants=4, cache_root=tmp_path / "cache")
+    for row, text in enumerate(texts):
+        content = variants.contents[row].as_py()
+        pool = [cp.process(text, chain, random.Random(f"variant:3:{content}:{v}")) for v in range(4)]
+        assert variants.variant_captions(row) == pool
+        choice = random.Random(f"choice:3:5:{row}").randrange(4)
+        assert variants.caption_at(row, 5, 0, 0) == pool[choice]
+    # The trigger is part of the prepared captions, so another trigger is another cached index.
+    other = build([source], trigger="other", seed=3, cache_root=tmp_path / "cache")
+    assert other.fixed_caption(21) == "other, only, one line"
+    assert len(list((tmp_path / "cache" / "index").glob("*.arrow"))) == 2
 
 
 def test_weights_sources_and_the_fingerprint(tmp_path):

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .buckets import BucketSettings, assign_buckets, crop_offsets, resized_size
-from .captions import Processor, parse_caption, run_chain, split_chain
+from .captions import Caption, fixed_part, render_packed, run_chain, split_chain, unpack
 from .images import DatasetError
 from .sources import SourceSettings, cached_index
 
@@ -65,7 +65,7 @@ class TrainingData:
             raise DatasetError("no dataset: set data.images to a folder of images, or add [[data.sources]]")
         tables, skipped = [], Counter()
         for number, source in enumerate(sources):
-            table, skips = cached_index(source, Path(cache_root) if cache_root else None, strict)
+            table, skips = cached_index(source, Path(cache_root) if cache_root else None, strict, trigger)
             skipped.update(skips)
             repeats = pc.multiply(table.column("repeats"), pa.scalar(source.weight, pa.float32()))
             table = table.set_column(table.schema.get_field_index("repeats"), "repeats", repeats)
@@ -93,8 +93,8 @@ class TrainingData:
 
     def _set_rows(self, table: pa.Table, bucket: np.ndarray, resized: np.ndarray, crop: np.ndarray) -> None:
         self.table, self.bucket, self.resized, self.crop = table, bucket, resized, crop
-        self.paths, self.captions, self.contents = (_one_array(table.column(c)) for c in ("path", "caption",
-                                                                                          "content"))
+        self.paths, self.captions, self.contents, self.prepared = (
+            _one_array(table.column(c)) for c in ("path", "caption", "content", "prepared"))
         self.source = table.column("source").to_numpy()
         self.repeats = table.column("repeats").to_numpy()
         self.bucket_id = np.unique(bucket, axis=0, return_inverse=True)[1].reshape(-1)
@@ -127,20 +127,19 @@ class TrainingData:
 
     def varies(self, row: int) -> bool:
         """Whether this record's caption changes from step to step (its chain has per-step processors)."""
-        return bool(self.chains[self.source[row]][1])
+        return bool(self.chains[self.source[row]].per_step)
 
     def fixed_caption(self, row: int) -> str:
-        """The caption with only the fixed processors: for validation, and all a record has if none vary."""
-        fixed, _ = self.chains[self.source[row]]
-        return self._run(row, fixed, random.Random(0))
+        """The caption with only the fixed processors (of its first line): for validation, and all a record
+        has if none vary. Prepared with the index, so this only joins the tags."""
+        packed = self.prepared[row].as_py()
+        return render_packed(packed) if packed is not None else self._fixed_part(row).render()
 
     def variant_captions(self, row: int) -> list[str]:
         """The ``caption_variants`` pre-encodable captions of a varying record (its fixed caption otherwise)."""
         if not self.varies(row):
             return [self.fixed_caption(row)]
-        fixed, per_step = self.chains[self.source[row]]
-        return [self._run(row, fixed + per_step, random.Random(f"variant:{self.seed}:{self.contents[row].as_py()}:{v}"))
-                for v in range(self.caption_variants)]
+        return [self._variant(row, v) for v in range(self.caption_variants)]
 
     def caption_at(self, row: int, epoch: int, batch: int, slot: int) -> str:
         """The caption the model reads for ``row`` at slot ``slot`` of batch ``batch`` of ``epoch``."""
@@ -148,13 +147,23 @@ class TrainingData:
             return self.fixed_caption(row)
         if self.caption_variants:
             choice = random.Random(f"choice:{self.seed}:{epoch}:{row}").randrange(self.caption_variants)
-            return self.variant_captions(row)[choice]
-        fixed, per_step = self.chains[self.source[row]]
-        return self._run(row, fixed + per_step, random.Random(f"step:{self.seed}:{epoch}:{batch}:{slot}"))
+            return self._variant(row, choice)
+        return self._per_step(row, random.Random(f"step:{self.seed}:{epoch}:{batch}:{slot}"))
 
-    def _run(self, row: int, chain: tuple[Processor, ...], rng: random.Random) -> str:
-        caption = parse_caption(self.captions[row].as_py(), self.natural[self.source[row]])
-        return run_chain(caption, chain, rng).render()
+    def _variant(self, row: int, choice: int) -> str:
+        return self._per_step(row, random.Random(f"variant:{self.seed}:{self.contents[row].as_py()}:{choice}"))
+
+    def _per_step(self, row: int, rng: random.Random) -> str:
+        """The per-step processors on the record's prepared caption (the same text as the whole chain)."""
+        return run_chain(self._fixed_part(row), self.chains[self.source[row]].per_step, rng).render()
+
+    def _fixed_part(self, row: int) -> Caption:
+        """The caption after the fixed processors: unpacked from the index, or processed now where a tag holds
+        a separator character (then it was not packed)."""
+        source, packed = self.source[row], self.prepared[row].as_py()
+        if packed is not None:
+            return unpack(packed, self.natural[source])
+        return fixed_part(self.captions[row].as_py(), self.natural[source], self.chains[source], random.Random(0))
 
     # ------------------------------------------------------------ reports
 
