@@ -7,7 +7,9 @@ A caption is parsed once into sections: ``head`` (kept in front), ``body`` (shuf
 
 Each processor is a frozen settings object registered in :data:`PROCESSORS` whose ``apply(caption, rng)`` is a
 pure function of (caption, settings, rng); ``PER_STEP`` says whether its output depends on ``rng`` (then the
-text changes between steps and cached text embeddings need variants, see ``data.caption_variants``).
+text changes between steps and cached text embeddings need variants, see ``data.caption_variants``). The
+dataset runs the fixed processors once per record when it indexes (:func:`split_chain`,
+:func:`prepare_captions`) and only the per-step ones at each step.
 Natural-language captions (``natural=True``) pass through the tag processors untouched.
 """
 
