@@ -15,6 +15,7 @@ from PIL import Image
 from loraloom.loaders import captions as cp
 from loraloom.loaders import sources as src
 from loraloom.loaders.buckets import BucketSettings
+from loraloom.loaders.cache import EncoderCache
 from loraloom.loaders.captions import CaptionSettings
 from loraloom.loaders.dataset import TrainingData
 from loraloom.loaders.images import DatasetError, decode_batches, decode_image, load_crop
@@ -95,6 +96,28 @@ def test_truncated_images_fail_at_decoding_and_are_reported_not_raised(tmp_path)
     assert all(r[1].shape[1:] == (3, 64, 64) for r in results if r[1] is not None)
     data.drop([specs.index(next(s for s in specs if s.path == str(truncated)))], "unreadable image")
     assert len(data) == 2 and data.skipped["unreadable image"] == 1
+
+
+def test_latent_keys_are_the_specs_keys_before_and_after_a_drop(tmp_path):
+    for i in range(5):
+        write_image(tmp_path / f"{i}.png", size=(64 + 16 * i, 64), color=(i, 0, 0))
+    data = build([src.SourceSettings(path=str(tmp_path))], buckets=BucketSettings(enabled=True, flip=True))
+    pairs = [(row, flip) for row in range(len(data)) for flip in (False, True)]
+    expected = [data.latent_spec(row, flip).key for row, flip in pairs]
+    assert data.latent_keys(*zip(*pairs)) == expected and len(set(expected)) == 10
+    data.drop([1, 3], "unreadable image")
+    assert data.latent_keys([0, 1, 2, 2], [False, False, False, True]) == [expected[0], expected[4], expected[8],
+                                                                            expected[9]]
+
+
+def test_the_encoder_cache_finds_missing_entries_without_reading_and_reads_back_what_it_put(tmp_path):
+    cache = EncoderCache(tmp_path, "latents", "vae-id")
+    a, b = "a" * 64, "b" * 64
+    assert cache.missing([a, b]) == [0, 1]
+    cache.put(a, {"latent": torch.ones(2, 3)})
+    assert cache.missing([a, b]) == [1] and (cache.hits, cache.misses) == (1, 3)
+    got = cache.get_many([a, b], lambda missing: [{"latent": torch.zeros(1)} for _ in missing])
+    assert torch.equal(got[0]["latent"], torch.ones(2, 3)) and cache.missing([b]) == []
 
 
 def test_decoding_handles_alpha_palette_16_bit_cmyk_and_exif_rotation(tmp_path):

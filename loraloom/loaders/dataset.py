@@ -38,8 +38,13 @@ class LatentSpec:
 
     @property
     def key(self) -> str:
-        text = f"{self.content}|{self.bucket}|{self.resized}|{self.crop}|{int(self.flip)}"
-        return hashlib.sha256(text.encode()).hexdigest()
+        return latent_digest(self.content, self.bucket, self.resized, self.crop, self.flip).hex()
+
+
+def latent_digest(content: str, bucket: tuple[int, int], resized: tuple[int, int], crop: tuple[int, int],
+                  flip: bool) -> bytes:
+    """sha256 of what a latent is (see :class:`LatentSpec`); its hex is the latent cache key."""
+    return hashlib.sha256(f"{content}|{bucket}|{resized}|{crop}|{int(flip)}".encode()).digest()
 
 
 class TrainingData:
@@ -91,8 +96,10 @@ class TrainingData:
         self._set_rows(table, bucket, resized_size(width, height, bucket),
                        crop_offsets(width, height, bucket, self.bucket_settings.crop, self.seed))
 
-    def _set_rows(self, table: pa.Table, bucket: np.ndarray, resized: np.ndarray, crop: np.ndarray) -> None:
+    def _set_rows(self, table: pa.Table, bucket: np.ndarray, resized: np.ndarray, crop: np.ndarray,
+                  latent_digests: np.ndarray | None = None) -> None:
         self.table, self.bucket, self.resized, self.crop = table, bucket, resized, crop
+        self._latent_digests = latent_digests
         self.paths, self.captions, self.contents, self.prepared = (
             _one_array(table.column(c)) for c in ("path", "caption", "content", "prepared"))
         self.source = table.column("source").to_numpy()
@@ -109,13 +116,31 @@ class TrainingData:
             keep[np.asarray(rows)] = False
             self.skipped[reason] += len(rows)
             # Filtered, not recomputed: a kept record's bucket and crop (part of its cache key) never change.
-            self._set_rows(self.table.filter(pa.array(keep)), self.bucket[keep], self.resized[keep], self.crop[keep])
+            digests = self._latent_digests[keep] if self._latent_digests is not None else None
+            self._set_rows(self.table.filter(pa.array(keep)), self.bucket[keep], self.resized[keep], self.crop[keep],
+                           digests)
 
     # ------------------------------------------------------------ latents
 
     def latent_spec(self, row: int, flip: bool = False) -> LatentSpec:
         return LatentSpec(self.paths[row].as_py(), self.contents[row].as_py(), tuple(self.bucket[row].tolist()),
                           tuple(self.resized[row].tolist()), tuple(self.crop[row].tolist()), flip)
+
+    def latent_keys(self, rows: Sequence[int], flips: Sequence[bool]) -> list[str]:
+        """``latent_spec(row, flip).key`` of each pair, from digests of every record computed on first use
+        (32 bytes per record and flip: a million records hold 32 MB, not a million key strings)."""
+        if self._latent_digests is None:
+            self._latent_digests = self._all_latent_digests()
+        return [self._latent_digests[row, int(flip)].tobytes().hex() for row, flip in zip(rows, flips)]
+
+    def _all_latent_digests(self) -> np.ndarray:
+        """(records, flips, 32) uint8: each record's latent digest unmirrored and, with buckets.flip, mirrored."""
+        flips = (False, True) if self.bucket_settings.flip else (False,)
+        sizes = [list(map(tuple, a.tolist())) for a in (self.bucket, self.resized, self.crop)]
+        joined = b"".join(latent_digest(content, bucket, resized, crop, flip)
+                          for content, bucket, resized, crop in zip(self.contents.to_pylist(), *sizes)
+                          for flip in flips)
+        return np.frombuffer(joined, np.uint8).reshape(len(self), len(flips), 32)
 
     def flips(self, rows: Sequence[int], epoch: int) -> list[bool]:
         """Whether each record is mirrored in ``epoch`` (always False unless buckets.flip)."""

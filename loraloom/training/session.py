@@ -19,7 +19,7 @@ import random
 import resource
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -31,8 +31,8 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from ..loaders.cache import EncoderCache, text_key
-from ..loaders.dataset import LatentSpec, TrainingData
-from ..loaders.files import atomic_save_safetensors, fingerprint, writable_folder
+from ..loaders.dataset import TrainingData
+from ..loaders.files import fingerprint, writable_folder
 from ..loaders.images import DatasetError, decode_batches, save_png, to_pil
 from ..loaders.sampler import BucketBatchSampler, SamplerPosition
 from ..loaders.sources import SourceSettings
@@ -143,7 +143,7 @@ class Session:
         val_texts = [data.fixed_caption(r) for r in val_rows]
         self._encode_texts(cache_root, list(dict.fromkeys(fixed + val_texts + list(cfg.sample.prompts))),
                            keep_encoders=per_step)
-        val_latents = self._latents([data.latent_spec(r) for r in val_rows])
+        val_latents = self._latents(val_rows, [False] * len(val_rows))
         self.val_items = [Item(lat, txt) for lat, txt in zip(val_latents, self._embed(val_texts))]
         self.sample_texts = dict(zip(cfg.sample.prompts, self._embed(list(cfg.sample.prompts))))
         self.dataset_fingerprint = data.fingerprint({**data.settings_dict(), "held_out": held_out})
@@ -153,29 +153,27 @@ class Session:
 
     def _encode_latents(self, root: Path, data: TrainingData) -> None:
         """Make sure every record's latent (each flip too) is cached; decoding runs in DataLoader workers."""
-        cache = EncoderCache(root, "latents", self.model_fingerprints["model.vae"])
-        self.latent_cache = cache
+        cache = self.latent_cache = EncoderCache(root, "latents", self.model_fingerprints["model.vae"])
         flips = (False, True) if data.bucket_settings.flip else (False,)
-        specs = [(row, data.latent_spec(row, flip)) for row in range(len(data)) for flip in flips]
-        missing = [(row, spec) for row, spec in specs if not cache.path(spec.key).is_file()]
-        cache.hits += len(specs) - len(missing)
-        cache.misses += len(missing)
+        rows, flipped = np.repeat(np.arange(len(data)), len(flips)), np.tile(flips, len(data))
+        missing = [(int(rows[i]), bool(flipped[i])) for i in cache.missing(data.latent_keys(rows, flipped))]
+        specs = [data.latent_spec(row, flip) for row, flip in missing]
         workers = min(self.cfg.data.workers, len(missing) // IMAGES_PER_WORKER)  # a handful decodes in-process
         failed: set[int] = set()
         with torch.no_grad():
-            for done, pixels, bad in decode_batches([s for _, s in missing], ENCODE_BATCH, workers,
-                                                    self.cfg.data.background):
+            for done, pixels, bad in decode_batches(specs, ENCODE_BATCH, workers, self.cfg.data.background):
                 failed.update(missing[i][0] for i in bad)
                 if pixels is not None:
                     for i, latent in zip(done, self.family.encode_images(self.vae, pixels)):
-                        atomic_save_safetensors({"latent": latent}, cache.path(missing[i][1].key))
+                        cache.put(specs[i].key, {"latent": latent})
         data.drop(sorted(failed), "unreadable image")
 
-    def _latents(self, specs: list[LatentSpec]) -> list[torch.Tensor]:
+    def _latents(self, rows: Sequence[int], flips: Sequence[bool]) -> list[torch.Tensor]:
         def vanished(missing: list[int]) -> list[dict[str, torch.Tensor]]:
-            raise DatasetError(f"{specs[missing[0]].path}: its cached latent disappeared from "
+            raise DatasetError(f"{self.data.paths[rows[missing[0]]].as_py()}: its cached latent disappeared from "
                                f"{self.latent_cache.folder} during the run; reopen the session to rebuild it")
-        return [e["latent"] for e in self.latent_cache.get_many([s.key for s in specs], vanished)]
+        keys = self.data.latent_keys(rows, flips)
+        return [e["latent"] for e in self.latent_cache.get_many(keys, vanished)]
 
     def _encode_texts(self, root: Path, prompts: list[str], keep_encoders: bool) -> None:
         """Cache the embeddings of ``prompts``; keep the encoders loaded only if captions vary per step."""
@@ -317,11 +315,11 @@ class Session:
         self.state.sampler = after.to_dict()
         self.state.samples_seen += len(ids)
         data, rows = self.data, self.train_rows[ids]
-        specs = [data.latent_spec(r, flip) for r, flip in zip(rows, data.flips(rows, where.epoch))]
+        latents = self._latents(rows, data.flips(rows, where.epoch))
         texts = [data.caption_at(r, where.epoch, where.batch, slot) for slot, r in enumerate(rows)]
         # Per-step captions are encoded fresh and not stored: they would fill the cache with one-off texts.
         store = self.cfg.data.caption_variants > 0 or not any(data.varies(r) for r in rows)
-        return [Item(lat, txt) for lat, txt in zip(self._latents(specs), self._embed(texts, store))]
+        return [Item(lat, txt) for lat, txt in zip(latents, self._embed(texts, store))]
 
     def _loss(self, batch: list[Item], t: torch.Tensor | None = None, noise: torch.Tensor | None = None
               ) -> torch.Tensor:
