@@ -100,11 +100,15 @@ class TrainingData:
                   latent_digests: np.ndarray | None = None) -> None:
         self.table, self.bucket, self.resized, self.crop = table, bucket, resized, crop
         self._latent_digests = latent_digests
+        # Chunked columns as they are: indexing one costs a fraction of a microsecond more than an array, where
+        # concatenating them would copy (or, for a memory-mapped cached index, read) every string.
         self.paths, self.captions, self.contents, self.prepared = (
-            _one_array(table.column(c)) for c in ("path", "caption", "content", "prepared"))
+            table.column(c) for c in ("path", "caption", "content", "prepared"))
         self.source = table.column("source").to_numpy()
         self.repeats = table.column("repeats").to_numpy()
-        self.bucket_id = np.unique(bucket, axis=0, return_inverse=True)[1].reshape(-1)
+        # np.unique(bucket, axis=0) in the same (width, height) order, on one int64 per row: 10x faster.
+        sizes, self.bucket_id = np.unique(bucket[:, 0].astype(np.int64) << 32 | bucket[:, 1], return_inverse=True)
+        self.bucket_sizes = np.stack([sizes >> 32, sizes & 0xFFFFFFFF], axis=1)
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -209,7 +213,7 @@ class TrainingData:
             mask = self.source == number
             per_source.append({"path": source.path, "images": int(mask.sum()),
                                "appearances_per_epoch": float(self.repeats[mask].sum())})
-        sizes, counts = np.unique(self.bucket, axis=0, return_counts=True)
+        sizes, counts = self.bucket_sizes, np.bincount(self.bucket_id, minlength=len(self.bucket_sizes))
         histogram = {f"{w}x{h}": int(c) for (w, h), c in sorted(zip(sizes.tolist(), counts.tolist()),
                                                                key=lambda x: -x[1])}
         return {"records": len(self), "sources": per_source, "skipped": dict(self.skipped), "buckets": histogram}
@@ -222,17 +226,11 @@ class TrainingData:
                 "caption_variants": self.caption_variants}
 
 
-def _one_array(column: pa.ChunkedArray) -> pa.Array:
-    """Random access in O(1); a single chunk (a memory-mapped cached index) is not copied."""
-    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
-
-
 def _first_occurrences(keys: pa.ChunkedArray) -> np.ndarray:
-    """True at the first row of each distinct key (in Arrow: no million Python strings)."""
-    rows = pa.table({"key": keys, "row": np.arange(len(keys))})
-    first = rows.group_by("key", use_threads=False).aggregate([("row", "min")]).column("row_min").to_numpy()
+    """True at the first row of each distinct key (dictionary codes in Arrow: no million Python strings)."""
+    codes = pc.dictionary_encode(keys).combine_chunks().indices.to_numpy()  # one dictionary for all chunks
     keep = np.zeros(len(keys), dtype=bool)
-    keep[first] = True
+    keep[np.unique(codes, return_index=True)[1]] = True
     return keep
 
 
