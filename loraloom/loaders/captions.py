@@ -370,15 +370,11 @@ def _pack(caption: Caption) -> str | None:
 
 
 def unpack(packed: str, natural: bool) -> Caption:
-    """The :class:`Caption` of a packed one, its further lines as alternatives."""
-    if LINE not in packed:
-        return _unpack_line(packed, natural)
-    first, *rest = (_unpack_line(line, natural) for line in packed.split(LINE))
-    return first._replace(alternatives=tuple(rest))
-
-
-def _unpack_line(line: str, natural: bool) -> Caption:
-    counts, _, joined = line.partition(COUNTS)
+    """The :class:`Caption` of a packed one, its further lines as alternatives. On every step: kept lean."""
+    if LINE in packed:
+        first, *rest = (unpack(line, natural) for line in packed.split(LINE))
+        return first._replace(alternatives=tuple(rest))
+    counts, _, joined = packed.partition(COUNTS)
     head, body = counts.split(",")
     head, end = int(head), int(head) + int(body)
     tags = tuple(joined.split(TAG)) if joined else ()

@@ -184,14 +184,14 @@ class TrainingData:
 
     def _per_step(self, row: int, rng: random.Random) -> str:
         """The per-step processors on the record's prepared caption (the same text as the whole chain)."""
-        return run_chain(self._fixed_part(row), self.chains[self.source[row]].per_step, rng).render()
+        source, packed = self.source[row], self.prepared[row].as_py()
+        caption = unpack(packed, self.natural[source]) if packed is not None else self._fixed_part(row)
+        return run_chain(caption, self.chains[source].per_step, rng).render()
 
     def _fixed_part(self, row: int) -> Caption:
-        """The caption after the fixed processors: unpacked from the index, or processed now where a tag holds
-        a separator character (then it was not packed)."""
-        source, packed = self.source[row], self.prepared[row].as_py()
-        if packed is not None:
-            return unpack(packed, self.natural[source])
+        """The caption after the fixed processors, processed now: a tag holds a separator character, so the
+        index could not pack it."""
+        source = self.source[row]
         return fixed_part(self.captions[row].as_py(), self.natural[source], self.chains[source], random.Random(0))
 
     # ------------------------------------------------------------ reports
