@@ -45,7 +45,7 @@ class Caption(NamedTuple):  # a NamedTuple, not a dataclass: built ~7 times per 
 
 
 def split_tags(text: str) -> tuple[str, ...]:
-    return tuple([t for t in map(str.strip, text.split(",")) if t])
+    return tuple(filter(None, map(str.strip, text.split(","))))  # empty tags dropped
 
 
 def _parse_line(line: str, natural: bool) -> Caption:
@@ -143,8 +143,16 @@ class Underscores(Processor):
     keep_length: int = 3
 
     def apply(self, caption: Caption, rng: random.Random) -> Caption:
-        n = self.keep_length
-        return caption.map_tags(lambda tags: tuple([t if len(t) <= n else t.replace("_", " ") for t in tags]))
+        return caption.map_tags(lambda tags: _underscores(tags, self.keep_length))
+
+
+def _underscores(tags: tuple[str, ...], keep_length: int) -> tuple[str, ...]:
+    joined = "\0".join(tags)
+    if "_" not in joined:
+        return tags
+    if min(map(len, tags)) > keep_length and joined.count("\0") == len(tags) - 1:  # one replace per section
+        return tuple(joined.replace("_", " ").split("\0"))
+    return tuple([t if len(t) <= keep_length else t.replace("_", " ") for t in tags])
 
 
 _PAREN = re.compile(r"(?<!\\)([()])")
@@ -174,11 +182,12 @@ class Dedupe(Processor):
     def apply(self, caption: Caption, rng: random.Random) -> Caption:
         if caption.natural:
             return caption
-        seen: set[str] = set()
-
-        def first_only(tags: tuple[str, ...]) -> tuple[str, ...]:
-            return tuple([t for t in tags if t not in seen and not seen.add(t)])  # add() is None: keeps t
-        return caption.with_tags(first_only(caption.head), first_only(caption.body), first_only(caption.tail))
+        # dict.fromkeys keeps each tag's first occurrence, in order; the head and tail are a few tags each.
+        head, body = dict.fromkeys(caption.head), dict.fromkeys(caption.body)
+        for tag in head:
+            body.pop(tag, None)
+        tail = tuple([t for t in dict.fromkeys(caption.tail) if t not in head and t not in body])
+        return caption.with_tags(tuple(head), tuple(body), tail)
 
 
 @register("prefix")

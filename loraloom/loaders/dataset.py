@@ -172,19 +172,21 @@ class TrainingData:
 
     def caption_at(self, row: int, epoch: int, batch: int, slot: int) -> str:
         """The caption the model reads for ``row`` at slot ``slot`` of batch ``batch`` of ``epoch``."""
-        if not self.varies(row):
+        source = self.source[row]
+        if not self.chains[source].per_step:
             return self.fixed_caption(row)
         if self.caption_variants:
             choice = random.Random(f"choice:{self.seed}:{epoch}:{row}").randrange(self.caption_variants)
             return self._variant(row, choice)
-        return self._per_step(row, random.Random(f"step:{self.seed}:{epoch}:{batch}:{slot}"))
+        return self._per_step(row, source, random.Random(f"step:{self.seed}:{epoch}:{batch}:{slot}"))
 
     def _variant(self, row: int, choice: int) -> str:
-        return self._per_step(row, random.Random(f"variant:{self.seed}:{self.contents[row].as_py()}:{choice}"))
+        rng = random.Random(f"variant:{self.seed}:{self.contents[row].as_py()}:{choice}")
+        return self._per_step(row, self.source[row], rng)
 
-    def _per_step(self, row: int, rng: random.Random) -> str:
+    def _per_step(self, row: int, source: int, rng: random.Random) -> str:
         """The per-step processors on the record's prepared caption (the same text as the whole chain)."""
-        source, packed = self.source[row], self.prepared[row].as_py()
+        packed = self.prepared[row].as_py()
         caption = unpack(packed, self.natural[source]) if packed is not None else self._fixed_part(row)
         return run_chain(caption, self.chains[source].per_step, rng).render()
 
