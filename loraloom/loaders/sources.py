@@ -87,7 +87,7 @@ def index_source(source: SourceSettings, skips: Skips) -> pa.Table:
                        ".jsonl / .csv / .parquet metadata file")
 
 
-def cached_index(source: SourceSettings, cache_root: Path | None, strict: bool, trigger: str = ""
+def cached_index(source: SourceSettings, cache_root: Path | None, strict: bool, trigger: str
                  ) -> tuple[pa.Table, Counter]:
     """``index_source`` plus the ``prepared`` captions (:func:`with_prepared_captions`), kept under
     ``cache_root/index`` and reused while the inputs' sizes, times, the settings and the trigger are unchanged
