@@ -102,6 +102,61 @@ def test_the_kohaku_chain_keeps_sections_and_varies_only_the_middle():
     assert cp.process(TEXT, chain, random.Random(3)) == cp.process(TEXT, chain, random.Random(3))
 
 
+def random_caption(rng: random.Random) -> str:
+    """Booru-like caption text: sections, several lines, underscores, parentheses, repeats, stray spaces."""
+    vocab = ["1girl", "solo", "smile", "long_hair", "^_^", "name_(series)", "a_(b)_c", "x", "looking_at_viewer",
+             "masterpiece", "(paren)", "esc\\(aped\\)", "blue_eyes", "tag_with_many_underscores"]
+
+    def tags(low: int, high: int) -> str:
+        return (" ," if rng.random() < 0.2 else ", ").join(rng.choice(vocab) for _ in range(rng.randint(low, high)))
+    lines = []
+    for _ in range(rng.choice((1, 1, 2, 3))):
+        form = rng.randrange(3)
+        lines.append(tags(0, 20) if form == 0 else f"{tags(0, 3)} ||| {tags(0, 25)}" if form == 1 else
+                     f"{tags(0, 3)} ||| {tags(0, 25)} ||| {tags(0, 4)}")
+    return "\n".join(lines)
+
+
+SETTINGS = [
+    cp.CaptionSettings(underscores=True, escape_parentheses=True, dedupe=True, shuffle=True, tag_dropout=0.15),
+    cp.CaptionSettings(choose=True, keep_first=2, underscores=True, dedupe=True, shuffle=True, tag_dropout=0.3,
+                       caption_dropout=0.1),
+    cp.CaptionSettings(keep_first=1, replace=(("smile", "grin"), ("x", ""), ("solo", "a, b")), blacklist=("^_^",),
+                       underscores=True, keep_underscore_length=0, escape_parentheses=True, dedupe=True,
+                       prefix="pre", suffix="suf", shuffle=True, tag_dropout=0.5, caption_dropout=0.2),
+    cp.CaptionSettings(underscores=True, escape_parentheses=True, prefix="fixed only"),
+    cp.CaptionSettings(choose=True),
+    cp.CaptionSettings(format="text", choose=True, shuffle=True, tag_dropout=0.5, caption_dropout=0.3),
+]
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_prepared_captions_give_exactly_the_output_of_the_whole_chain(settings):
+    """The dataset runs the fixed processors once (packed into the index) and the per-step ones each step."""
+    rng = random.Random(1)
+    natural = settings.format == "text"
+    chain = settings.chain(trigger="trig")
+    split = cp.split_chain(chain)
+    texts = [random_caption(rng) for _ in range(300)] + ["", "a", "\n\n", "||| a |||", "a, a ||| a ||| a"]
+    for text, packed in zip(texts, cp.prepare_captions(texts, natural, split)):
+        assert packed is not None
+        for seed in range(3):
+            whole = cp.process(text, chain, random.Random(seed), natural)
+            assert cp.run_chain(cp.unpack(packed, natural), split.per_step, random.Random(seed)).render() == whole
+        first = cp.fixed_part(text, natural, split, random.Random(0))
+        assert cp.render_packed(packed) == first.render() == \
+            cp.run_chain(cp.parse_caption(text, natural), split.fixed, random.Random(0)).render()
+
+
+def test_a_caption_holding_a_separator_character_is_not_packed():
+    split = cp.split_chain(cp.CaptionSettings(shuffle=True).chain())
+    texts = ["a\x1fb, c", "a ||| b\x1fc", "a, b"]  # (\x1d and \x1e end a line, like \n)
+    assert [p is None for p in cp.prepare_captions(texts, False, split)] == [True, True, False]
+    assert cp.prepare_captions(["odd\x1fnatural text"], True, split) == [None]
+    with pytest.raises(ValueError, match="choose must be the first"):
+        cp.split_chain((cp.Shuffle(), cp.Choose()))
+
+
 def test_quality_levels_rank_within_each_rating_by_hand():
     # general: 1..10. numpy linear percentiles: p90 9.1, p75 7.75, p60 6.4, p45 5.05, p30 3.7, p10 1.9.
     # explicit: 0, 0, 5, 100 -> p90 71.5, p75 28.75, p60 3, p45 0.75, p30 0, p10 0.

@@ -12,8 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
+from loraloom.loaders import captions as cp
 from loraloom.loaders import sources as src
 from loraloom.loaders.buckets import BucketSettings
+from loraloom.loaders.cache import EncoderCache
 from loraloom.loaders.captions import CaptionSettings
 from loraloom.loaders.dataset import TrainingData
 from loraloom.loaders.images import DatasetError, decode_batches, decode_image, load_crop
@@ -94,6 +96,28 @@ def test_truncated_images_fail_at_decoding_and_are_reported_not_raised(tmp_path)
     assert all(r[1].shape[1:] == (3, 64, 64) for r in results if r[1] is not None)
     data.drop([specs.index(next(s for s in specs if s.path == str(truncated)))], "unreadable image")
     assert len(data) == 2 and data.skipped["unreadable image"] == 1
+
+
+def test_latent_keys_are_the_specs_keys_before_and_after_a_drop(tmp_path):
+    for i in range(5):
+        write_image(tmp_path / f"{i}.png", size=(64 + 16 * i, 64), color=(i, 0, 0))
+    data = build([src.SourceSettings(path=str(tmp_path))], buckets=BucketSettings(enabled=True, flip=True))
+    pairs = [(row, flip) for row in range(len(data)) for flip in (False, True)]
+    expected = [data.latent_spec(row, flip).key for row, flip in pairs]
+    assert data.latent_keys(*zip(*pairs)) == expected and len(set(expected)) == 10
+    data.drop([1, 3], "unreadable image")
+    assert data.latent_keys([0, 1, 2, 2], [False, False, False, True]) == [expected[0], expected[4], expected[8],
+                                                                            expected[9]]
+
+
+def test_the_encoder_cache_finds_missing_entries_without_reading_and_reads_back_what_it_put(tmp_path):
+    cache = EncoderCache(tmp_path, "latents", "vae-id")
+    a, b = "a" * 64, "b" * 64
+    assert cache.missing([a, b]) == [0, 1]
+    cache.put(a, {"latent": torch.ones(2, 3)})
+    assert cache.missing([a, b]) == [1] and (cache.hits, cache.misses) == (1, 3)
+    got = cache.get_many([a, b], lambda missing: [{"latent": torch.zeros(1)} for _ in missing])
+    assert torch.equal(got[0]["latent"], torch.ones(2, 3)) and cache.missing([b]) == []
 
 
 def test_decoding_handles_alpha_palette_16_bit_cmyk_and_exif_rotation(tmp_path):
@@ -204,6 +228,38 @@ def test_the_index_is_cached_and_rebuilt_when_the_source_changes(tmp_path, monke
     monkeypatch.setattr(src, "index_source", real)
     file.write_text("\n".join(json.dumps(r) for r in rows[:2]))
     assert len(build([source], cache_root=tmp_path / "cache")) == 2
+
+
+def test_each_steps_caption_is_the_whole_chain_run_on_the_caption_text(tmp_path):
+    """Fixed processors run once with the index, per-step ones each step: the text is the same as running the
+    whole chain on the caption file's text with the step's seed (and a tag holding \\x1f is not packed)."""
+    rng = random.Random(0)
+    texts = [f"a_b, c ||| {', '.join(rng.sample(['d_e', 'f', 'g', 'f', 'h_(i)', 'j'], 5))} ||| k\nl_m ||| n, o"
+             for _ in range(20)] + ["odd\x1ftag ||| p, q, r_st", "only, one_line"]
+    file = tmp_path / "meta.jsonl"
+    file.write_text("\n".join(json.dumps({"path": f"{i}.png", "caption": t, "md5": f"{i:032x}", "width": 64,
+                                          "height": 64}) for i, t in enumerate(texts)))
+    settings = CaptionSettings(choose=True, underscores=True, escape_parentheses=True, dedupe=True, shuffle=True,
+                               tag_dropout=0.2)
+    source = src.SourceSettings(path=str(file), captions=settings)
+    chain = settings.chain("trig")
+    data = build([source], trigger="trig", seed=3, cache_root=tmp_path / "cache")
+    assert data.prepared[20].as_py() is None and data.prepared[21].as_py() is not None
+    for row, text in enumerate(texts):
+        assert data.caption_at(row, 2, 7, 1) == cp.process(text, chain, random.Random("step:3:2:7:1"))
+    # Validation reads the first line after the fixed processors (choose, per step, does not skip them).
+    assert data.fixed_caption(21) == "trig, only, one line" and data.fixed_caption(20) == "trig, odd\x1ftag, p, q, r st"
+    variants = build([source], trigger="trig", seed=3, caption_variants=4, cache_root=tmp_path / "cache")
+    for row, text in enumerate(texts):
+        content = variants.contents[row].as_py()
+        pool = [cp.process(text, chain, random.Random(f"variant:3:{content}:{v}")) for v in range(4)]
+        assert variants.variant_captions(row) == pool
+        choice = random.Random(f"choice:3:5:{row}").randrange(4)
+        assert variants.caption_at(row, 5, 0, 0) == pool[choice]
+    # The trigger is part of the prepared captions, so another trigger is another cached index.
+    other = build([source], trigger="other", seed=3, cache_root=tmp_path / "cache")
+    assert other.fixed_caption(21) == "other, only, one line"
+    assert len(list((tmp_path / "cache" / "index").glob("*.arrow"))) == 2
 
 
 def test_weights_sources_and_the_fingerprint(tmp_path):

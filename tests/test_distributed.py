@@ -50,6 +50,9 @@ def run_ranks(fn: Callable[[int], None], world: int = 2, timeout: float = 120) -
 
 
 def _rank(fn: Callable[[int], None], rank: int, world: int, port: int) -> None:
+    # OpenMP's thread pool does not survive a fork: a child of a process that already ran parallel torch code
+    # hangs at its first parallel region unless it stays on one thread.
+    torch.set_num_threads(1)
     # What torchrun sets for each process it starts.
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))

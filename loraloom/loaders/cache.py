@@ -7,7 +7,7 @@ encoder gives a new key, so stale entries are never read; only the changed entry
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -32,18 +32,26 @@ class EncoderCache:
     def path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.safetensors"
 
+    def missing(self, keys: Sequence[str]) -> list[int]:
+        """Indices of the ``keys`` with no entry (counted as misses, the others as hits); nothing is read."""
+        absent = [i for i, key in enumerate(keys) if not self.path(key).is_file()]
+        self.hits += len(keys) - len(absent)
+        self.misses += len(absent)
+        return absent
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        atomic_save_safetensors(tensors, self.path(key))
+
     def get_many(self, keys: list[str], compute: Callable[[list[int]], list[dict[str, torch.Tensor]]]
                  ) -> list[dict[str, torch.Tensor]]:
         """Entries for ``keys``; ``compute(missing_indices)`` produces the absent ones, which are stored."""
-        out: list[dict[str, torch.Tensor] | None] = []
-        for key in keys:
-            out.append(self._read(self.path(key)))
+        out = [self._read(self.path(key)) for key in keys]
         missing = [i for i, v in enumerate(out) if v is None]
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         if missing:
             for i, entry in zip(missing, compute(missing)):
-                atomic_save_safetensors(entry, self.path(keys[i]))
+                self.put(keys[i], entry)
                 out[i] = entry
         return out  # type: ignore[return-value]
 

@@ -7,7 +7,9 @@ A caption is parsed once into sections: ``head`` (kept in front), ``body`` (shuf
 
 Each processor is a frozen settings object registered in :data:`PROCESSORS` whose ``apply(caption, rng)`` is a
 pure function of (caption, settings, rng); ``PER_STEP`` says whether its output depends on ``rng`` (then the
-text changes between steps and cached text embeddings need variants, see ``data.caption_variants``).
+text changes between steps and cached text embeddings need variants, see ``data.caption_variants``). The
+dataset runs the fixed processors once per record when it indexes (:func:`split_chain`,
+:func:`prepare_captions`) and only the per-step ones at each step.
 Natural-language captions (``natural=True``) pass through the tag processors untouched.
 """
 
@@ -43,7 +45,7 @@ class Caption(NamedTuple):  # a NamedTuple, not a dataclass: built ~7 times per 
 
 
 def split_tags(text: str) -> tuple[str, ...]:
-    return tuple([t for t in map(str.strip, text.split(",")) if t])
+    return tuple(filter(None, map(str.strip, text.split(","))))  # empty tags dropped
 
 
 def _parse_line(line: str, natural: bool) -> Caption:
@@ -141,8 +143,16 @@ class Underscores(Processor):
     keep_length: int = 3
 
     def apply(self, caption: Caption, rng: random.Random) -> Caption:
-        n = self.keep_length
-        return caption.map_tags(lambda tags: tuple([t if len(t) <= n else t.replace("_", " ") for t in tags]))
+        return caption.map_tags(lambda tags: _underscores(tags, self.keep_length))
+
+
+def _underscores(tags: tuple[str, ...], keep_length: int) -> tuple[str, ...]:
+    joined = "\0".join(tags)
+    if "_" not in joined:
+        return tags
+    if min(map(len, tags)) > keep_length and joined.count("\0") == len(tags) - 1:  # one replace per section
+        return tuple(joined.replace("_", " ").split("\0"))
+    return tuple([t if len(t) <= keep_length else t.replace("_", " ") for t in tags])
 
 
 _PAREN = re.compile(r"(?<!\\)([()])")
@@ -172,11 +182,12 @@ class Dedupe(Processor):
     def apply(self, caption: Caption, rng: random.Random) -> Caption:
         if caption.natural:
             return caption
-        seen: set[str] = set()
-
-        def first_only(tags: tuple[str, ...]) -> tuple[str, ...]:
-            return tuple([t for t in tags if t not in seen and not seen.add(t)])  # add() is None: keeps t
-        return caption.with_tags(first_only(caption.head), first_only(caption.body), first_only(caption.tail))
+        # dict.fromkeys keeps each tag's first occurrence, in order; the head and tail are a few tags each.
+        head, body = dict.fromkeys(caption.head), dict.fromkeys(caption.body)
+        for tag in head:
+            body.pop(tag, None)
+        tail = tuple([t for t in dict.fromkeys(caption.tail) if t not in head and t not in body])
+        return caption.with_tags(tuple(head), tuple(body), tail)
 
 
 @register("prefix")
@@ -298,14 +309,87 @@ def run_chain(caption: Caption, chain: Sequence[Processor], rng: random.Random) 
     return caption
 
 
-def split_chain(chain: Sequence[Processor]) -> tuple[tuple[Processor, ...], tuple[Processor, ...]]:
-    """(fixed, per_step): the fixed part runs before the first per-step processor, once per caption."""
-    for i, step in enumerate(chain):
+class SplitChain(NamedTuple):
+    """A chain as the dataset runs it: ``fixed`` once per record (on every line of its caption file when the
+    chain starts with choose), ``per_step`` on the result every step. Same output as running the chain."""
+    fixed: tuple[Processor, ...]
+    per_step: tuple[Processor, ...]
+
+    @property
+    def keeps_lines(self) -> bool:
+        """Whether choose picks among the lines per step (then every line is prepared, not only the first)."""
+        return bool(self.per_step) and isinstance(self.per_step[0], Choose)
+
+
+def split_chain(chain: Sequence[Processor]) -> SplitChain:
+    """(fixed, per_step): the processors up to the first per-step one, the rest after. A leading choose goes
+    to the per-step part and the fixed processors after it run on every line, which changes nothing: they
+    never read the rng, and choose draws only from the number of lines."""
+    chain = tuple(chain)
+    if any(isinstance(step, Choose) for step in chain[1:]):
+        raise ValueError("choose must be the first processor of a chain (CaptionSettings.chain puts it there)")
+    choose, rest = (chain[:1], chain[1:]) if chain and isinstance(chain[0], Choose) else ((), chain)
+    for i, step in enumerate(rest):
         if step.PER_STEP:
-            return tuple(chain[:i]), tuple(chain[i:])
-    return tuple(chain), ()
+            return SplitChain(rest[:i], choose + rest[i:])
+    return SplitChain(rest, choose)
 
 
 def process(text: str, chain: Sequence[Processor], rng: random.Random, natural: bool = False) -> str:
     """A caption file's text → the text the model reads."""
     return run_chain(parse_caption(text, natural), chain, rng).render()
+
+
+# ------------------------------------------------------------------ prepared captions
+
+# A caption after its fixed processors, packed into one string so that a million of them stay in the Arrow
+# index (as tuples of Python strings they would take gigabytes): lines joined by LINE, each line the head and
+# body tag counts ("2,28"), COUNTS, then all its tags joined by TAG. Control characters no caption should
+# hold (a caption file's \x1d and \x1e even end a line); a caption that does is not packed (None) and is
+# processed from its text instead.
+LINE, COUNTS, TAG = "\x1e", "\x1d", "\x1f"
+
+
+def fixed_part(text: str, natural: bool, split: SplitChain, rng: random.Random) -> Caption:
+    """A caption file's text after the fixed processors; its further lines too if choose needs them."""
+    caption = parse_caption(text, natural)
+    if not split.keeps_lines:
+        return run_chain(caption._replace(alternatives=()), split.fixed, rng)
+    first, *rest = (run_chain(line, split.fixed, rng) for line in (caption._replace(alternatives=()),
+                                                                    *caption.alternatives))
+    return first._replace(alternatives=tuple(rest))
+
+
+def prepare_captions(texts: Sequence[str], natural: bool, split: SplitChain) -> list[str | None]:
+    """:func:`fixed_part` of each text, packed (None where a tag holds one of the separator characters)."""
+    rng = random.Random(0)  # fixed processors do not draw from it
+    return [_pack(fixed_part(text, natural, split, rng)) for text in texts]
+
+
+def _pack(caption: Caption) -> str | None:
+    lines = (caption, *caption.alternatives)
+    tags = [c.head + c.body + c.tail for c in lines]
+    packed = LINE.join(f"{len(c.head)},{len(c.body)}{COUNTS}{TAG.join(t)}" for c, t in zip(lines, tags))
+    # Every separator where the layout puts it (else a tag, prefix or replacement holds one), and no line whose
+    # only tag is "" (it would read back as no tag; no processor makes one, a custom one might).
+    expected = (sum(max(len(t) - 1, 0) for t in tags), len(lines), len(lines) - 1)
+    if (packed.count(TAG), packed.count(COUNTS), packed.count(LINE)) != expected or ("",) in tags:
+        return None
+    return packed
+
+
+def unpack(packed: str, natural: bool) -> Caption:
+    """The :class:`Caption` of a packed one, its further lines as alternatives. On every step: kept lean."""
+    if LINE in packed:
+        first, *rest = (unpack(line, natural) for line in packed.split(LINE))
+        return first._replace(alternatives=tuple(rest))
+    counts, _, joined = packed.partition(COUNTS)
+    head, body = counts.split(",")
+    head, end = int(head), int(head) + int(body)
+    tags = tuple(joined.split(TAG)) if joined else ()
+    return Caption(tags[:head], tags[head:end], tags[end:], natural)
+
+
+def render_packed(packed: str) -> str:
+    """``unpack(packed).render()`` without building the caption: the first line's tags joined."""
+    return packed.split(LINE, 1)[0].partition(COUNTS)[2].replace(TAG, ", ")

@@ -39,36 +39,46 @@ class BucketBatchSampler:
         if len(self.buckets) != len(self.repeats) or not (self.repeats > 0).any():
             raise ValueError("the sampler needs at least one record with a positive repeat count")
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self._plan: tuple[int, list[np.ndarray]] | None = None
+        self._plan: tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
 
     def epoch_batches(self, epoch: int, rank: int | None = None) -> list[np.ndarray]:
         """Batches (arrays of record indices) of ``rank``'s share of ``epoch``, in training order."""
-        rank = self.rank if rank is None else rank
+        ids, starts, ends = self._share(epoch, self.rank if rank is None else rank)
+        return [ids[start:end] for start, end in zip(starts.tolist(), ends.tolist())]
+
+    def _share(self, epoch: int, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(record ids, batch starts, batch ends): batch k of ``rank``'s share is ids[starts[k]:ends[k]]."""
         if rank == self.rank and self._plan and self._plan[0] == epoch:
             return self._plan[1]
-        batches = self._all_batches(epoch)[rank::self.world_size]
+        ids, starts, ends = self._all_batches(epoch)
+        share = (ids, starts[rank::self.world_size], ends[rank::self.world_size])
         if rank == self.rank:
-            self._plan = (epoch, batches)
-        return batches
+            self._plan = (epoch, share)
+        return share
 
-    def _all_batches(self, epoch: int) -> list[np.ndarray]:
+    def _all_batches(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, epoch])
         whole = np.floor(self.repeats)
         counts = (whole + (rng.random(len(self.repeats)) < self.repeats - whole)).astype(np.int64)
         ids = rng.permutation(np.repeat(np.arange(len(counts)), counts))
         ids = ids[np.argsort(self.buckets[ids], kind="stable")]  # grouped by bucket, shuffled within
-        starts = np.flatnonzero(np.diff(self.buckets[ids], prepend=-1))
-        ends = np.append(starts[1:], len(ids))
-        batches = [ids[i:min(i + self.batch_size, end)]
-                   for start, end in zip(starts, ends) for i in range(start, end, self.batch_size)]
-        return [batches[i] for i in rng.permutation(len(batches))]
+        group_starts = np.flatnonzero(np.diff(self.buckets[ids], prepend=-1))
+        group_ends = np.append(group_starts[1:], len(ids))[:len(group_starts)]  # none in an empty epoch
+        # Each group cut into batch_size pieces (the last may be smaller), as arrays: a million records make
+        # 250k batches, too many to slice one by one.
+        pieces = -(-(group_ends - group_starts) // self.batch_size)
+        first_piece = np.repeat(np.cumsum(pieces) - pieces, pieces)
+        starts = np.repeat(group_starts, pieces) + (np.arange(pieces.sum()) - first_piece) * self.batch_size
+        ends = np.minimum(starts + self.batch_size, np.repeat(group_ends, pieces))
+        order = rng.permutation(len(starts))
+        return ids, starts[order], ends[order]
 
     def next_batch(self, position: SamplerPosition) -> tuple[np.ndarray, SamplerPosition, SamplerPosition]:
         """(record indices, where they came from, the position after them)."""
         epoch, batch = position.epoch, position.batch
         for _ in range(1000):  # an epoch with no batch for this rank is possible with tiny fractional weights
-            batches = self.epoch_batches(epoch)
-            if batch < len(batches):
-                return batches[batch], SamplerPosition(epoch, batch), SamplerPosition(epoch, batch + 1)
+            ids, starts, ends = self._share(epoch, self.rank)
+            if batch < len(starts):
+                return ids[starts[batch]:ends[batch]], SamplerPosition(epoch, batch), SamplerPosition(epoch, batch + 1)
             epoch, batch = epoch + 1, 0
         raise ValueError("1000 epochs in a row had no batch for this rank: raise the source weights or repeats")

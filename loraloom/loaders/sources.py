@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from PIL import Image, UnidentifiedImageError
 
 from .booru import BooruSettings, kohaku_captions, quality_levels, rating_name
-from .captions import CaptionSettings
+from .captions import CaptionSettings, prepare_captions, split_chain
 from .files import fsync_dir
 from .images import IMAGE_SUFFIXES, DatasetError
 
@@ -33,7 +33,8 @@ WIDTH_COLUMNS, HEIGHT_COLUMNS = ("width", "image_width"), ("height", "image_heig
 HASH_COLUMNS = ("sha256", "md5")
 SCHEMA = pa.schema([("path", pa.string()), ("caption", pa.string()), ("content", pa.string()),
                     ("width", pa.int32()), ("height", pa.int32()), ("repeats", pa.float32())])
-INDEX_VERSION = "1"
+INDEX_VERSION = "2"
+CHUNK = 100_000  # rows turned into Python strings at a time: bounds peak memory on millions of records
 
 
 @dataclass(frozen=True)
@@ -86,13 +87,15 @@ def index_source(source: SourceSettings, skips: Skips) -> pa.Table:
                        ".jsonl / .csv / .parquet metadata file")
 
 
-def cached_index(source: SourceSettings, cache_root: Path | None, strict: bool) -> tuple[pa.Table, Counter]:
-    """``index_source`` with the result kept under ``cache_root/index`` and reused while the inputs' sizes,
-    times and the settings are unchanged (a folder is still listed; a metadata file is only stat'ed)."""
+def cached_index(source: SourceSettings, cache_root: Path | None, strict: bool, trigger: str
+                 ) -> tuple[pa.Table, Counter]:
+    """``index_source`` plus the ``prepared`` captions (:func:`with_prepared_captions`), kept under
+    ``cache_root/index`` and reused while the inputs' sizes, times, the settings and the trigger are unchanged
+    (a folder is still listed; a metadata file is only stat'ed)."""
     skips = Skips(strict)
     if cache_root is None:
-        return index_source(source, skips), Counter(skips)
-    file = Path(cache_root) / "index" / f"{_source_key(source)}.arrow"
+        return with_prepared_captions(index_source(source, skips), source, trigger), Counter(skips)
+    file = Path(cache_root) / "index" / f"{_source_key(source, trigger)}.arrow"
     if file.is_file():
         try:
             with pa.memory_map(str(file)) as mm:
@@ -101,9 +104,21 @@ def cached_index(source: SourceSettings, cache_root: Path | None, strict: bool) 
             return table.replace_schema_metadata(None), Counter(counts)
         except (pa.ArrowInvalid, OSError, KeyError, ValueError):
             pass  # a damaged cache entry is rebuilt
-    table = index_source(source, skips)
+    table = with_prepared_captions(index_source(source, skips), source, trigger)
     _write_index(file, table, skips)
     return table, Counter(skips)
+
+
+def with_prepared_captions(table: pa.Table, source: SourceSettings, trigger: str) -> pa.Table:
+    """``table`` with a ``prepared`` column: each caption after the source's fixed processors, packed
+    (:func:`~.captions.prepare_captions`). Computed once with the index, so a step runs only the per-step
+    processors; CHUNK rows at a time, so a million captions never sit in memory as Python strings."""
+    split = split_chain(source.captions.chain(trigger))
+    natural = source.captions.format == "text"
+    captions = table.column("caption")
+    chunks = [pa.array(prepare_captions(captions.slice(start, CHUNK).to_pylist(), natural, split), pa.string())
+              for start in range(0, table.num_rows, CHUNK)]
+    return table.append_column("prepared", pa.chunked_array(chunks, pa.string()))
 
 
 def _write_index(file: Path, table: pa.Table, skips: Counter) -> None:
@@ -122,8 +137,9 @@ def _write_index(file: Path, table: pa.Table, skips: Counter) -> None:
     fsync_dir(file.parent)
 
 
-def _source_key(source: SourceSettings) -> str:
-    h = hashlib.sha256(f"{INDEX_VERSION}{json.dumps(asdict(source), sort_keys=True)}".encode())
+def _source_key(source: SourceSettings, trigger: str) -> str:
+    settings = json.dumps([asdict(source), trigger], sort_keys=True)
+    h = hashlib.sha256(f"{INDEX_VERSION}{settings}".encode())
     path = Path(source.path)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in files:
@@ -229,9 +245,6 @@ def read_metadata(path: Path) -> pa.Table:
     except (pa.ArrowInvalid, OSError) as e:
         raise DatasetError(f"{path}: not a readable {suffix} metadata file ({e})") from None
     raise DatasetError(f"{path}: unknown metadata format; use .jsonl, .csv or .parquet")
-
-
-CHUNK = 100_000  # rows turned into Python strings at a time: bounds peak memory on millions of records
 
 
 def _index_metadata(path: Path, source: SourceSettings, skips: Skips) -> pa.Table:

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..loaders.captions import CaptionSettings, split_tags
 from ..loaders.sources import SourceSettings
 from ..training.config import AdapterConfig, ConfigError, DataConfig, ModelConfig, OptimizerConfig, RunConfig
-from ..training.session import describe_dataset
+from ..training.data import describe_dataset
 from . import host
 from .widgets import CATEGORY, field_doc, widget
 

@@ -9,17 +9,18 @@ files from its outputs on a fixed probe (:func:`probe_id`).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from ..loaders.cache import EncoderCache, text_key
-from ..loaders.dataset import LatentSpec, TrainingData
-from ..loaders.files import atomic_save_safetensors, fingerprint
+from ..loaders.dataset import TrainingData
+from ..loaders.files import fingerprint
 from ..loaders.images import DatasetError, decode_batches
 from . import distributed
 from .config import DataConfig, ModelConfig
@@ -177,27 +178,26 @@ class CachedEncoders:
         cache = self.latent_cache
         flips = (False, True) if data.bucket_settings.flip else (False,)
         rank, world = distributed.rank_and_world()
-        specs = [(row, data.latent_spec(row, flip)) for row in range(len(data)) for flip in flips][rank::world]
-        missing = [(row, spec) for row, spec in specs if not cache.path(spec.key).is_file()]
-        cache.hits += len(specs) - len(missing)
-        cache.misses += len(missing)
+        rows = np.repeat(np.arange(len(data)), len(flips))[rank::world]
+        flipped = np.tile(flips, len(data))[rank::world]
+        missing = [(int(rows[i]), bool(flipped[i])) for i in cache.missing(data.latent_keys(rows, flipped))]
+        specs = [data.latent_spec(row, flip) for row, flip in missing]
         workers = min(settings.workers, len(missing) // IMAGES_PER_WORKER)  # a handful decodes in-process
         failed: set[int] = set()
         with torch.no_grad():
-            for done, pixels, bad in decode_batches([s for _, s in missing], ENCODE_BATCH, workers,
-                                                    settings.background):
+            for done, pixels, bad in decode_batches(specs, ENCODE_BATCH, workers, settings.background):
                 failed.update(missing[i][0] for i in bad)
                 if pixels is not None:
                     for i, latent in zip(done, self.image.encode_images(pixels)):
-                        atomic_save_safetensors({"latent": latent}, cache.path(missing[i][1].key))
+                        cache.put(specs[i].key, {"latent": latent})
         failed = set().union(*distributed.all_gather(failed))  # waits for every rank's share, like a barrier
         data.drop(sorted(failed), "unreadable image")
 
-    def latents(self, specs: list[LatentSpec]) -> list[torch.Tensor]:
+    def latents(self, data: TrainingData, rows: Sequence[int], flips: Sequence[bool]) -> list[torch.Tensor]:
         def vanished(missing: list[int]) -> list[dict[str, torch.Tensor]]:
-            raise DatasetError(f"{specs[missing[0]].path}: its cached latent disappeared from "
+            raise DatasetError(f"{data.paths[rows[missing[0]]].as_py()}: its cached latent disappeared from "
                                f"{self.latent_cache.folder} during the run; reopen the session to rebuild it")
-        return [e["latent"] for e in self.latent_cache.get_many([s.key for s in specs], vanished)]
+        return [e["latent"] for e in self.latent_cache.get_many(data.latent_keys(rows, flips), vanished)]
 
     def cache_texts(self, texts: list[str]) -> None:
         """Encode the texts missing from the cache, in chunks: a million embeddings never sit in memory.

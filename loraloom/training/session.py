@@ -30,13 +30,12 @@ from PIL import Image
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from ..loaders.dataset import TrainingData
 from ..loaders.files import fingerprint, writable_folder
 from ..loaders.images import save_png, to_pil
-from ..loaders.sampler import BucketBatchSampler, SamplerPosition
-from ..loaders.sources import SourceSettings
+from ..loaders.sampler import SamplerPosition
 from . import adapters, checkpoint, distributed
 from .config import ConfigError, RunConfig, config_from_dict, plain_file_name, to_toml
+from .data import split_and_sample, training_data
 from .encoders import CachedEncoders, Encoders, FamilyImageEncoder
 from .export import EXPORT_DTYPES, kohya_metadata, write_lora
 from .families import FAMILIES
@@ -164,7 +163,7 @@ class Session:
         coding.cache_texts(list(dict.fromkeys(fixed + val_texts + list(cfg.sample.prompts))))
         if not per_step:
             coding.text.release()  # everything the run reads is cached: no text encoder stays in memory
-        val_latents = coding.latents([data.latent_spec(r) for r in val_rows])
+        val_latents = coding.latents(data, val_rows, [False] * len(val_rows))
         self.val_items = [Item(lat, txt) for lat, txt in zip(val_latents, coding.embed(val_texts))]
         self.sample_texts = dict(zip(cfg.sample.prompts, coding.embed(list(cfg.sample.prompts))))
         # Previews decode with the family's VAE, also when another image encoder made the latents.
@@ -284,11 +283,11 @@ class Session:
         self.state.sampler = after.to_dict()
         self.state.samples_seen += len(ids)
         data, rows = self.data, self.train_rows[ids]
-        specs = [data.latent_spec(r, flip) for r, flip in zip(rows, data.flips(rows, where.epoch))]
+        latents = self.encoding.latents(data, rows, data.flips(rows, where.epoch))
         texts = [data.caption_at(r, where.epoch, where.batch, slot) for slot, r in enumerate(rows)]
         # Per-step captions are encoded fresh and not stored: they would fill the cache with one-off texts.
         store = self.cfg.data.caption_variants > 0 or not any(data.varies(r) for r in rows)
-        return [Item(lat, txt) for lat, txt in zip(self.encoding.latents(specs), self.encoding.embed(texts, store))]
+        return [Item(lat, txt) for lat, txt in zip(latents, self.encoding.embed(texts, store))]
 
     def _loss(self, batch: list[Item], t: torch.Tensor | None = None, noise: torch.Tensor | None = None
               ) -> torch.Tensor:
@@ -467,17 +466,6 @@ class Session:
             self.on_event(event)
 
 
-def training_data(cfg: RunConfig, cache_root: Path | None) -> TrainingData:
-    """The run's dataset index: ``data.images`` (if set) and every ``[[data.sources]]``, bucketed."""
-    d = cfg.data
-    sources = [SourceSettings(path=d.images, caption_extension=d.caption_extension, missing_caption="empty",
-                              captions=d.captions)] if d.images else []
-    return TrainingData.build([*sources, *d.sources], trigger=d.trigger, resolution=d.resolution,
-                              divisor=FAMILIES[cfg.model.family].BUCKET_DIVISOR, buckets=d.buckets,
-                              seed=cfg.train.seed, caption_variants=d.caption_variants, strict=d.strict,
-                              cache_root=cache_root)
-
-
 @dataclasses.dataclass(frozen=True)
 class EncodeSummary:
     """What :func:`encode_data` did."""
@@ -506,48 +494,6 @@ def encode_data(cfg: RunConfig, encoders: Encoders | None = None) -> EncodeSumma
     latents, text = coding.latent_cache, coding.text_cache
     return EncodeSummary(len(data), dict(data.skipped), latents.misses, latents.hits, text.misses, text.hits,
                          cfg.data.caption_variants == 0 and any(data.varies(r) for r in range(len(data))))
-
-
-def split_and_sample(cfg: RunConfig, data: TrainingData) -> tuple[np.ndarray, np.ndarray, BucketBatchSampler]:
-    """(training rows, validation rows, this rank's batch sampler over the training rows)."""
-    held_out = min(cfg.data.validation_images, len(data) - 1)
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.train.seed)).numpy()
-    train_rows = np.sort(order[held_out:])
-    val_rows = np.sort(order[:held_out]) if held_out else train_rows[:4]
-    rank, world = distributed.rank_and_world()
-    sampler = BucketBatchSampler(data.bucket_id[train_rows], data.repeats[train_rows], cfg.train.batch_size,
-                                 cfg.train.seed, rank, world)
-    return train_rows, val_rows, sampler
-
-
-def describe_dataset(cfg: RunConfig, cache_root: Path | None, samples: int = 8, step: int = 0) -> list[str]:
-    """The index summary and ``samples`` captions from ``step`` on, exactly as the text encoder reads them.
-
-    No image is decoded: a user checks sources, skips, buckets and the tag pipeline before training.
-    """
-    data = training_data(cfg, cache_root)
-    train_rows, val_rows, sampler = split_and_sample(cfg, data)
-    summary = data.summary()
-    lines = [f"{summary['records']} images: {len(train_rows)} for training, {len(val_rows)} for validation"]
-    lines += [f"  {s['path']}: {s['images']} images, {s['appearances_per_epoch']:g} per epoch with repeats"
-              for s in summary["sources"]]
-    skipped = summary["skipped"]
-    lines.append("skipped: " + (", ".join(f"{reason} {count}" for reason, count in skipped.items()) or "none"))
-    lines.append("buckets: " + ", ".join(f"{size} {count}" for size, count in summary["buckets"].items()))
-    lines.append(f"captions from step {step} (seed {cfg.train.seed}), as the text encoder reads them:")
-    position = SamplerPosition()
-    for _ in range(step * cfg.train.gradient_accumulation):  # cheap: no image is read
-        position = sampler.next_batch(position)[2]
-    shown = 0
-    while shown < min(samples, len(train_rows)):
-        ids, where, position = sampler.next_batch(position)
-        for slot, row in enumerate(train_rows[ids][: samples - shown]):
-            w, h = data.bucket[row]
-            caption = data.caption_at(row, where.epoch, where.batch, slot)
-            lines.append(f"  epoch {where.epoch} batch {where.batch} [{w}x{h}] "
-                         f"{Path(data.paths[row].as_py()).name}: {caption!r}")
-            shown += 1
-    return lines
 
 
 def _rank_file(name: str, rank: int) -> str:

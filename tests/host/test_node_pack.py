@@ -49,10 +49,10 @@ from loraloom.loaders.cache import text_key  # noqa: E402
 from loraloom.loaders.files import atomic_save_safetensors  # noqa: E402
 from loraloom.loaders.images import decode_batches  # noqa: E402
 from loraloom.training.config import DataConfig, ModelConfig, RunConfig  # noqa: E402
+from loraloom.training.data import training_data  # noqa: E402
 from loraloom.training.demo_data import write_shapes_dataset  # noqa: E402
 from loraloom.training.families import flux  # noqa: E402
 from loraloom.training.families.flux_layout import transformer_to_bfl, vae_to_ldm  # noqa: E402
-from loraloom.training.session import training_data  # noqa: E402
 from loraloom.training.tiny_models import REAL_WIDTH, TINY, build_flux, write_flux_files  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))

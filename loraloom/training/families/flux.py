@@ -11,18 +11,21 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, FluxTransformer2DModel
-from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from ...loaders.files import ModelFileError, find_weights, read_safetensors, strip_prefix
 from ..config import ModelConfig
 from ..objectives import inference_sigmas
 from .flux_layout import transformer_from_bfl
 
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+# diffusers, transformers and accelerate are imported by the functions that load models: they take seconds to
+# import, and `loraloom dataset inspect` needs only this module's constants.
 log = logging.getLogger(__name__)
 
 NAME = "flux"
@@ -98,6 +101,9 @@ def load_transformer(path: str | Path, compute_dtype: torch.dtype, fp8_storage: 
     fp8 tensors stay fp8 (linear weights); everything else is stored in ``compute_dtype``. Layerwise
     casting to the compute dtype is switched on later, after the adapter exists (see adapters.py).
     """
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+
     path = Path(path)
     if path.is_dir():
         config, sd = read_diffusers_folder(path, "transformer", "the Flux transformer", allow_pickle)
@@ -170,6 +176,10 @@ def _assign(model: torch.nn.Module, sd: dict[str, torch.Tensor], compute_dtype: 
 
 def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, allow_pickle: bool = False) -> AutoencoderKL:
     """The Flux VAE from ``ae.safetensors`` (BFL/LDM keys), a diffusers-keyed file or a diffusers folder."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
     path = Path(path)
     if path.is_dir():
         config, sd = read_diffusers_folder(path, "vae", "the Flux VAE", allow_pickle)
@@ -233,6 +243,8 @@ def vae_factor(vae: AutoencoderKL) -> int:
 
 def load_text_encoders(cfg: ModelConfig, dtype: torch.dtype) -> TextEncoders:
     """CLIP-L and T5 with their tokenizers, from single files (HF keys) or folders."""
+    from transformers import CLIPTextModel, T5EncoderModel
+
     clip_tok = _load_tokenizer(cfg.tokenizer, cfg.text_encoder, "tokenizer", "model.tokenizer",
                                "ComfyUI/comfy/sd1_tokenizer")
     t5_tok = _load_tokenizer(cfg.tokenizer_2, cfg.text_encoder_2, "tokenizer_2", "model.tokenizer_2",
@@ -247,6 +259,8 @@ def load_text_encoders(cfg: ModelConfig, dtype: torch.dtype) -> TextEncoders:
 
 
 def _load_tokenizer(explicit: str, encoder_path: str, sibling: str, key: str, hint: str):
+    from transformers import AutoTokenizer
+
     candidates = [Path(explicit)] if explicit else []
     enc = Path(encoder_path)
     if enc.is_dir():
@@ -266,6 +280,8 @@ CLIP_FILE_PREFIX = "text_model."
 
 def _load_hf_encoder(path: str, subfolder: str, cls, config_fn, tokenizer, dtype, marker: str,
                      checkpoint_prefix: str, allow_pickle: bool):
+    from accelerate import init_empty_weights
+
     p = Path(path)
     if p.is_dir():
         folder = p / subfolder if (p / subfolder / "config.json").exists() else p
@@ -295,6 +311,8 @@ def _load_hf_encoder(path: str, subfolder: str, cls, config_fn, tokenizer, dtype
 
 
 def _clip_config(sd: dict, tokenizer) -> CLIPTextConfig:
+    from transformers import CLIPTextConfig
+
     base = json.loads((CONFIG_DIR / "clip_l.json").read_text())
     vocab, hidden = sd["embeddings.token_embedding.weight"].shape
     base.update(
@@ -310,6 +328,8 @@ def _clip_config(sd: dict, tokenizer) -> CLIPTextConfig:
 
 
 def _t5_config(sd: dict, tokenizer) -> T5Config:
+    from transformers import T5Config
+
     base = json.loads((CONFIG_DIR / "t5xxl.json").read_text())
     vocab, d_model = sd["shared.weight"].shape
     heads = sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape[1]
