@@ -158,6 +158,10 @@ class TrainingData:
         """Whether this record's caption changes from step to step (its chain has per-step processors)."""
         return bool(self.chains[self.source[row]].per_step)
 
+    def any_varies(self, rows: Sequence[int]) -> bool:
+        """Whether any of these records' captions change from step to step: per source, not per record."""
+        return any(self.chains[source].per_step for source in np.unique(self.source[np.asarray(rows, dtype=int)]))
+
     def fixed_caption(self, row: int) -> str:
         """The caption with only the fixed processors (of its first line): for validation, and all a record
         has if none vary. Prepared with the index, so this only joins the tags."""

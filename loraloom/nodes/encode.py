@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from ..training.config import ConfigError, DataConfig, ModelConfig, RunConfig, config_from_dict
-from ..training.encoders import Encoders
+from ..training.encoders import Encoders, FamilyTextEncoder
 from ..training.families import FAMILIES
-from ..training.session import EncodeSummary, encode_data
+from ..training.session import EncodeSummary, default_device, encode_data
 from . import host
 from .runs import CACHE_SUBFOLDER
 from .widgets import CATEGORY
@@ -93,15 +91,8 @@ def describe(summary: EncodeSummary, encoders: Encoders) -> str:
 
 def encode_prompt(model: ModelConfig, text: str, guidance: float) -> list:
     """ComfyUI CONDITIONING for Flux: ``[[t5 (1, T, D), {"pooled_output": (1, D_clip), "guidance": g}]]``."""
-    family = FAMILIES[model.family]
-    cuda = torch.cuda.is_available()
-    encoders = family.load_text_encoders(model, torch.bfloat16 if cuda else torch.float32)
-    if cuda:
-        encoders.clip.to("cuda")
-        encoders.t5.to("cuda")
-    with torch.no_grad():
-        text_embeddings = family.encode_prompts(encoders, [text])
-    return [[text_embeddings["t5"], {"pooled_output": text_embeddings["pooled"], "guidance": guidance}]]
+    [embeddings] = FamilyTextEncoder(FAMILIES[model.family], model, default_device()).encode_texts([text])
+    return [[embeddings["t5"][None], {"pooled_output": embeddings["pooled"][None], "guidance": guidance}]]
 
 
 class EncodePrompt:

@@ -61,15 +61,19 @@ def _doc(name: str) -> str:
     return field_doc(ModelConfig, name)
 
 
-class DatasetFolder:
-    """A folder of images with a caption file beside each; shows a few captions as the model will read them."""
-
-    DESCRIPTION = "Images with caption files beside them. A relative folder is looked up in ComfyUI's input folder."
+class _DatasetNode:
+    """A dataset node: the dataset, and a few captions as the model will read them."""
     CATEGORY = f"{CATEGORY}/data"
     RETURN_TYPES = ("LORALOOM_DATASET", "STRING")
     RETURN_NAMES = ("dataset", "caption_preview")
     FUNCTION = "build"
     PREVIEW_CAPTIONS = 5
+
+
+class DatasetFolder(_DatasetNode):
+    """A folder of images with a caption file beside each."""
+
+    DESCRIPTION = "Images with caption files beside them. A relative folder is looked up in ComfyUI's input folder."
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -93,16 +97,11 @@ class DatasetFolder:
         return data, _preview(data, self.PREVIEW_CAPTIONS)
 
 
-class DatasetMetadata:
+class DatasetMetadata(_DatasetNode):
     """A JSONL / CSV / Parquet file with one record per image (path and caption columns, or booru fields)."""
 
     DESCRIPTION = ("Images listed in a metadata file (.jsonl, .csv, .parquet) with a path column and caption "
                    "columns or booru fields. A relative file is looked up in ComfyUI's input folder.")
-    CATEGORY = f"{CATEGORY}/data"
-    RETURN_TYPES = ("LORALOOM_DATASET", "STRING")
-    RETURN_NAMES = ("dataset", "caption_preview")
-    FUNCTION = "build"
-    PREVIEW_CAPTIONS = 5
 
     @classmethod
     def INPUT_TYPES(cls):

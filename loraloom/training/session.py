@@ -157,7 +157,7 @@ class Session:
         self.train_rows, val_rows, self.sampler = split_and_sample(cfg, data)
         held_out = len(val_rows) if cfg.data.validation_images else 0
         # Texts that never change (or their K variants) are encoded once; per-step ones at each step.
-        per_step = cfg.data.caption_variants == 0 and any(data.varies(r) for r in self.train_rows)
+        per_step = cfg.data.caption_variants == 0 and data.any_varies(self.train_rows)
         fixed = [t for r in self.train_rows for t in data.variant_captions(r)]
         val_texts = [data.fixed_caption(r) for r in val_rows]
         coding.cache_texts(list(dict.fromkeys(fixed + val_texts + list(cfg.sample.prompts))))
@@ -286,7 +286,7 @@ class Session:
         latents = self.encoding.latents(data, rows, data.flips(rows, where.epoch))
         texts = [data.caption_at(r, where.epoch, where.batch, slot) for slot, r in enumerate(rows)]
         # Per-step captions are encoded fresh and not stored: they would fill the cache with one-off texts.
-        store = self.cfg.data.caption_variants > 0 or not any(data.varies(r) for r in rows)
+        store = self.cfg.data.caption_variants > 0 or not data.any_varies(rows)
         return [Item(lat, txt) for lat, txt in zip(latents, self.encoding.embed(texts, store))]
 
     def _loss(self, batch: list[Item], t: torch.Tensor | None = None, noise: torch.Tensor | None = None
@@ -493,7 +493,7 @@ def encode_data(cfg: RunConfig, encoders: Encoders | None = None) -> EncodeSumma
     coding.text.release()
     latents, text = coding.latent_cache, coding.text_cache
     return EncodeSummary(len(data), dict(data.skipped), latents.misses, latents.hits, text.misses, text.hits,
-                         cfg.data.caption_variants == 0 and any(data.varies(r) for r in range(len(data))))
+                         cfg.data.caption_variants == 0 and data.any_varies(range(len(data))))
 
 
 def _rank_file(name: str, rank: int) -> str:
