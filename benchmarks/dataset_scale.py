@@ -7,7 +7,7 @@ dates, md5) into a Parquet file, then, each in a fresh process so peak memory is
    buckets (1024² area, 256..4096, divisor 16), write the cached index;
 2. warm start: the same call with the index cached;
 3. caption throughput on one core of the Kohaku chain (underscores, escaping, dedupe, shuffle with kept
-   sections, 15% tag dropout): per step (``caption_at`` on the prepared captions, in training order), the
+   sections, 15% tag dropout): per step (``captions_at`` on the prepared captions, in training order), the
    one-off fixed part done at index build, and the whole chain from the text; one epoch plan of the sampler.
 
     python benchmarks/dataset_scale.py --records 1000000 --folder /tmp/loraloom-scale
@@ -93,10 +93,13 @@ def caption_step(metadata: Path, cache: Path, count: int) -> dict:
     sampler = BucketBatchSampler(data.bucket_id, data.repeats, batch_size=4, seed=0)
     batches = sampler.epoch_batches(0)
     plan_seconds = time.perf_counter() - start
-    # What a step runs per caption: the record's prepared caption read from the index, its per-step rng seeded,
-    # shuffle and dropout, the text joined; in training order (random rows), as many as --captions.
-    slots = [(row, batch, slot) for batch, ids in enumerate(batches[:count // 4]) for slot, row in enumerate(ids)]
-    per_step = timed(lambda: [data.caption_at(int(row), 0, batch, slot) for row, batch, slot in slots])
+    # What a step runs: the batch's rng seeded, then per caption the record's prepared caption read from the
+    # index, shuffle and dropout, the text joined; in training order (random rows), as many as --captions. Also
+    # with batches of one, where every caption pays for seeding an rng.
+    steps = batches[:count // 4]
+    per_step = timed(lambda: [text for batch, ids in enumerate(steps) for text in data.captions_at(ids, 0, batch)])
+    singles = [row for ids in steps for row in ids]
+    batch_of_one = timed(lambda: [data.captions_at([row], 0, batch)[0] for batch, row in enumerate(singles)])
     # The one-off fixed part (parse, underscores, escaping, dedupe, packing), done while the index is built.
     raw = [data.captions[i].as_py() for i in range(count)]
     split = split_chain(kohaku_settings().chain())
@@ -107,9 +110,9 @@ def caption_step(metadata: Path, cache: Path, count: int) -> dict:
     whole = timed(lambda: [process(text, chain, rng) for text in raw])
     packed = [data.prepared[i].as_py() for i in range(count)]
     shared = timed(lambda: [run_chain(unpack(p, False), split.per_step, rng).render() for p in packed])
-    return {"captions": len(slots), "per_step": per_step, "fixed": fixed, "whole_chain": whole, "shared": shared,
-            "example": data.caption_at(int(slots[0][0]), 0, 0, 0), "records": len(data),
-            "epoch_plan_seconds": plan_seconds, "batches": len(batches)}
+    return {"captions": len(singles), "per_step": per_step, "batch_of_one": batch_of_one, "fixed": fixed,
+            "whole_chain": whole, "shared": shared, "example": data.captions_at(steps[0], 0, 0)[0],
+            "records": len(data), "epoch_plan_seconds": plan_seconds, "batches": len(batches)}
 
 
 def timed(work) -> dict:
@@ -156,8 +159,11 @@ def main() -> None:
     captions = in_subprocess("captions", args)
     per_step, fixed, whole = captions["per_step"], captions["fixed"], captions["whole_chain"]
     print(f"captions on one core, per step (Kohaku chain's shuffle + 15% tag dropout on prepared captions, as "
-          f"caption_at runs it): {per_step['per_cpu_second']:.0f} per CPU second, {per_step['per_second']:.0f} "
-          f"per wall second ({captions['captions']} captions); e.g. {captions['example'][:80]!r}")
+          f"captions_at runs it, batches of 4): {per_step['per_cpu_second']:.0f} per CPU second, "
+          f"{per_step['per_second']:.0f} per wall second ({captions['captions']} captions); "
+          f"e.g. {captions['example'][:80]!r}")
+    print(f"the same in batches of one (an rng seeded per caption): "
+          f"{captions['batch_of_one']['per_cpu_second']:.0f} per CPU second")
     print(f"one-off fixed part (parse, underscores, escaping, dedupe, pack) at index build: "
           f"{fixed['per_cpu_second']:.0f} per CPU second, {captions['records'] / fixed['per_cpu_second']:.1f} CPU s "
           f"for all {captions['records']} records")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 
@@ -146,6 +147,26 @@ def test_prepared_captions_give_exactly_the_output_of_the_whole_chain(settings):
         first = cp.fixed_part(text, natural, split, random.Random(0))
         assert cp.render_packed(packed) == first.render() == \
             cp.run_chain(cp.parse_caption(text, natural), split.fixed, random.Random(0)).render()
+
+
+@pytest.mark.parametrize("keep_length", [0, 1, 3, 5])
+def test_fast_rewrites_equal_their_one_tag_at_a_time_definitions(keep_length):
+    """Underscores, escaping and dedupe take shortcuts over all tags at once; on tags that defeat them (short
+    tags with underscores, a NUL inside a tag, repeats across sections) they must still give the plain answer."""
+    rng = random.Random(keep_length)
+    vocab = ["^_^", "_", "a_", "ab_c", "o_o_o", "long_tag_name", "x", "(p)", "q\\(r\\)", "nul\0_in", "", "old", "1girl"]
+    for _ in range(2000):
+        head, body, tail = (tuple(rng.choice(vocab) for _ in range(rng.randint(0, n))) for n in (3, 12, 3))
+        caption = cp.Caption(head, body, tail)
+        spaced = cp.Underscores(keep_length).apply(caption, rng)
+        assert spaced == caption.map_tags(lambda tags: tuple(
+            t if len(t) <= keep_length else t.replace("_", " ") for t in tags))
+        escaped = cp.EscapeParentheses().apply(caption, rng)
+        assert escaped == caption.map_tags(lambda tags: tuple(
+            re.sub(r"(?<!\\)([()])", r"\\\1", t) for t in tags))
+        seen: set[str] = set()
+        firsts = [tuple(t for t in section if not (t in seen or seen.add(t))) for section in (head, body, tail)]
+        assert cp.Dedupe().apply(caption, rng) == cp.Caption(*firsts)
 
 
 def test_a_caption_holding_a_separator_character_is_not_packed():

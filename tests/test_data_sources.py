@@ -245,17 +245,22 @@ def test_each_steps_caption_is_the_whole_chain_run_on_the_caption_text(tmp_path)
     chain = settings.chain("trig")
     data = build([source], trigger="trig", seed=3, cache_root=tmp_path / "cache")
     assert data.prepared[20].as_py() is None and data.prepared[21].as_py() is not None
-    for row, text in enumerate(texts):
-        assert data.caption_at(row, 2, 7, 1) == cp.process(text, chain, random.Random("step:3:2:7:1"))
+    # A batch's captions draw from one rng seeded by (seed, epoch, batch), slot by slot.
+    step_rng = random.Random("step:3:2:7")
+    expected = [cp.process(text, chain, step_rng) for text in texts]
+    assert data.captions_at(range(len(texts)), 2, 7) == expected
+    assert data.captions_at(range(5), 2, 7) == expected[:5]  # what dataset inspect shows of a batch
+    assert data.captions_at(range(5), 2, 8) != expected[:5]
     # Validation reads the first line after the fixed processors (choose, per step, does not skip them).
     assert data.fixed_caption(21) == "trig, only, one line" and data.fixed_caption(20) == "trig, odd\x1ftag, p, q, r st"
     variants = build([source], trigger="trig", seed=3, caption_variants=4, cache_root=tmp_path / "cache")
+    choice_rng, chosen = random.Random("step:3:5:0"), []
     for row, text in enumerate(texts):
         content = variants.contents[row].as_py()
         pool = [cp.process(text, chain, random.Random(f"variant:3:{content}:{v}")) for v in range(4)]
         assert variants.variant_captions(row) == pool
-        choice = random.Random(f"choice:3:5:{row}").randrange(4)
-        assert variants.caption_at(row, 5, 0, 0) == pool[choice]
+        chosen.append(pool[choice_rng.randrange(4)])
+    assert variants.captions_at(range(len(texts)), 5, 0) == chosen
     # The trigger is part of the prepared captions, so another trigger is another cached index.
     other = build([source], trigger="other", seed=3, cache_root=tmp_path / "cache")
     assert other.fixed_caption(21) == "other, only, one line"
@@ -285,18 +290,18 @@ def test_captions_vary_per_epoch_with_shuffle_and_come_from_k_variants_when_cach
     shuffle = CaptionSettings(shuffle=True)
     per_step = build([src.SourceSettings(path=str(tmp_path / "d"), captions=shuffle)])
     assert per_step.varies(0)
-    epochs = {per_step.caption_at(0, epoch, 0, 0) for epoch in range(6)}
+    epochs = {per_step.captions_at([0], epoch, 0)[0] for epoch in range(6)}
     assert len(epochs) == 6 and all(c.startswith("keep, ") for c in epochs)
-    assert per_step.caption_at(0, 2, 0, 0) == per_step.caption_at(0, 2, 0, 0)
+    assert per_step.captions_at([0], 2, 0)[0] == per_step.captions_at([0], 2, 0)[0]
     assert per_step.fixed_caption(0) == f"keep, {tags}"
     variants = build([src.SourceSettings(path=str(tmp_path / "d"), captions=shuffle)], caption_variants=3)
     pool = variants.variant_captions(0)
     assert len(set(pool)) == 3
-    assert {variants.caption_at(0, epoch, 0, 0) for epoch in range(30)} == set(pool)
+    assert {variants.captions_at([0], epoch, 0)[0] for epoch in range(30)} == set(pool)
     plain = build([src.SourceSettings(path=str(tmp_path / "d"))], caption_variants=3)
     assert not plain.varies(0) and plain.variant_captions(0) == [f"keep, {tags}"]
-    assert {plain.caption_at(0, e, 0, 0) for e in range(5)} == {f"keep, {tags}"}
+    assert {plain.captions_at([0], e, 0)[0] for e in range(5)} == {f"keep, {tags}"}
     random.seed(0)  # the caption functions never read the global RNG
-    a = per_step.caption_at(0, 4, 0, 0)
+    a = per_step.captions_at([0], 4, 0)[0]
     random.seed(1)
-    assert per_step.caption_at(0, 4, 0, 0) == a
+    assert per_step.captions_at([0], 4, 0)[0] == a

@@ -2,8 +2,8 @@
 
 :class:`TrainingData` holds one row per record (no pixels, no latents), so a million records cost a few
 hundred MB; the session reads cached latents per batch and the CLI's ``dataset inspect`` prints the same
-captions the model reads at a given step. Which caption text a record gets at a step is a pure function of
-(seed, epoch, record, caption_variants), so resume and inspection agree with training.
+captions the model reads at a given step. The caption texts of a batch are a pure function of (seed, epoch,
+batch, its records, caption_variants), so resume and inspection agree with training.
 """
 
 from __future__ import annotations
@@ -174,19 +174,27 @@ class TrainingData:
             return [self.fixed_caption(row)]
         return [self._variant(row, v) for v in range(self.caption_variants)]
 
-    def caption_at(self, row: int, epoch: int, batch: int, slot: int) -> str:
-        """The caption the model reads for ``row`` at slot ``slot`` of batch ``batch`` of ``epoch``."""
-        source = self.source[row]
-        if not self.chains[source].per_step:
-            return self.fixed_caption(row)
-        if self.caption_variants:
-            choice = random.Random(f"choice:{self.seed}:{epoch}:{row}").randrange(self.caption_variants)
-            return self._variant(row, choice)
-        return self._per_step(row, source, random.Random(f"step:{self.seed}:{epoch}:{batch}:{slot}"))
+    def captions_at(self, rows: Sequence[int], epoch: int, batch: int) -> list[str]:
+        """The captions the model reads for the ``rows`` of batch ``batch`` of ``epoch``, in slot order.
+
+        One rng per batch, drawn from slot by slot: the batch is the unit a resume restarts at, and seeding an
+        rng costs as much as processing a caption. The first k captions do not depend on the rows after them.
+        """
+        rng = random.Random(f"step:{self.seed}:{epoch}:{batch}")
+        rows = np.asarray(rows, dtype=np.int64)
+        texts = []
+        for row, source in zip(rows.tolist(), self.source[rows].tolist()):  # Python ints: cheaper to index with
+            if not self.chains[source].per_step:
+                texts.append(self.fixed_caption(row))
+            elif self.caption_variants:
+                texts.append(self._variant(row, rng.randrange(self.caption_variants)))
+            else:
+                texts.append(self._per_step(row, source, rng))
+        return texts
 
     def _variant(self, row: int, choice: int) -> str:
         rng = random.Random(f"variant:{self.seed}:{self.contents[row].as_py()}:{choice}")
-        return self._per_step(row, self.source[row], rng)
+        return self._per_step(row, int(self.source[row]), rng)
 
     def _per_step(self, row: int, source: int, rng: random.Random) -> str:
         """The per-step processors on the record's prepared caption (the same text as the whole chain)."""

@@ -64,9 +64,9 @@ def describe_dataset(cfg: RunConfig, cache_root: Path | None, samples: int = 8, 
     shown = 0
     while shown < min(samples, len(train_rows)):
         ids, where, position = sampler.next_batch(position)
-        for slot, row in enumerate(train_rows[ids][: samples - shown]):
+        rows = train_rows[ids][: samples - shown]
+        for row, caption in zip(rows, data.captions_at(rows, where.epoch, where.batch)):
             w, h = data.bucket[row]
-            caption = data.caption_at(row, where.epoch, where.batch, slot)
             lines.append(f"  epoch {where.epoch} batch {where.batch} [{w}x{h}] "
                          f"{Path(data.paths[row].as_py()).name}: {caption!r}")
             shown += 1
