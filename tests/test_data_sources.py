@@ -64,6 +64,13 @@ def test_strict_mode_names_the_file_and_an_unusable_dataset_names_the_folder(tmp
     (root / "broken.png").write_bytes(b"\x89PNG truncated")
     with pytest.raises(DatasetError, match=r"broken\.png: unreadable image \(data\.strict"):
         build([src.SourceSettings(path=str(root))], strict=True)
+    # An index cached by a lenient run, which skipped the file, does not hide it from a strict one.
+    cache = tmp_path / "cache"
+    assert dict(build([src.SourceSettings(path=str(root))], cache_root=cache).skipped) == {"unreadable image": 1}
+    with pytest.raises(DatasetError, match=r"broken\.png: unreadable image \(data\.strict"):
+        build([src.SourceSettings(path=str(root))], strict=True, cache_root=cache)
+    (root / "broken.png").unlink()
+    assert len(build([src.SourceSettings(path=str(root))], strict=True, cache_root=cache)) == 1
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "x.png").write_bytes(b"")

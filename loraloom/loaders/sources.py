@@ -91,7 +91,8 @@ def cached_index(source: SourceSettings, cache_root: Path | None, strict: bool, 
                  ) -> tuple[pa.Table, Counter]:
     """``index_source`` plus the ``prepared`` captions (:func:`with_prepared_captions`), kept under
     ``cache_root/index`` and reused while the inputs' sizes, times, the settings and the trigger are unchanged
-    (a folder is still listed; a metadata file is only stat'ed)."""
+    (a folder is still listed; a metadata file is only stat'ed). In strict mode an index that skipped files is
+    built again, so that the error names the first unusable file."""
     skips = Skips(strict)
     if cache_root is None:
         return with_prepared_captions(index_source(source, skips), source, trigger), Counter(skips)
@@ -100,10 +101,11 @@ def cached_index(source: SourceSettings, cache_root: Path | None, strict: bool, 
         try:
             with pa.memory_map(str(file)) as mm:
                 table = pa.ipc.open_file(mm).read_all()
-            counts = json.loads(table.schema.metadata[b"skipped"])
-            return table.replace_schema_metadata(None), Counter(counts)
+            counts = Counter(json.loads(table.schema.metadata[b"skipped"]))
         except (pa.ArrowInvalid, OSError, KeyError, ValueError):
-            pass  # a damaged cache entry is rebuilt
+            counts = None  # a damaged cache entry is rebuilt
+        if counts is not None and not (strict and counts):
+            return table.replace_schema_metadata(None), counts
     table = with_prepared_captions(index_source(source, skips), source, trigger)
     _write_index(file, table, skips)
     return table, Counter(skips)
