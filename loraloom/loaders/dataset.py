@@ -181,9 +181,9 @@ class TrainingData:
         rng costs as much as processing a caption. The first k captions do not depend on the rows after them.
         """
         rng = random.Random(f"step:{self.seed}:{epoch}:{batch}")
-        rows = np.asarray(rows, dtype=np.int64)
         texts = []
-        for row, source in zip(rows.tolist(), self.source[rows].tolist()):  # Python ints: cheaper to index with
+        for row in map(int, rows):  # Python ints: cheaper to index with than numpy's
+            source = int(self.source[row])
             if not self.chains[source].per_step:
                 texts.append(self.fixed_caption(row))
             elif self.caption_variants:

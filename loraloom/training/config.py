@@ -101,8 +101,8 @@ class DataConfig:
     buckets: BucketSettings = doc("Aspect-ratio buckets.", default_factory=BucketSettings)
     caption_variants: int = doc(
         "For captions that change every step (shuffle, dropout, choose): 0 encodes the text every step (text "
-        "encoders stay loaded; exact); K > 0 pre-encodes K variants per caption and picks one per epoch (K "
-        "text embeddings per image on disk, encoders unloaded after caching).", 0)
+        "encoders stay loaded; exact); K > 0 pre-encodes K variants per caption and picks one each time the image "
+        "is drawn (K text embeddings per image on disk, encoders unloaded after caching).", 0)
     strict: bool = doc("Stop at the first unusable file instead of skipping and counting it.", False)
     workers: int = doc("DataLoader worker processes that decode images while the latent cache is built.", 2)
     background: tuple[int, int, int] = doc("RGB colour transparent images are composited on.", (255, 255, 255))
