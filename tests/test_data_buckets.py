@@ -7,7 +7,14 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from loraloom.loaders.buckets import BucketSettings, assign_buckets, bucket_sizes, crop_offsets, resized_size
+from loraloom.loaders.buckets import (
+    BucketSettings,
+    assign_buckets,
+    bucket_sizes,
+    center_crops,
+    random_crops,
+    resized_size,
+)
 from loraloom.loaders.sampler import BucketBatchSampler, SamplerPosition
 
 
@@ -54,11 +61,20 @@ def test_crops_cover_the_bucket_inside_the_resized_image():
     buckets = assign_buckets(w, h, 1024, 16, BucketSettings(enabled=True))
     resized = resized_size(w, h, buckets)
     assert (resized >= buckets).all()
-    for mode in ("center", "random"):
-        crops = crop_offsets(w, h, buckets, mode, seed=0)
+    keys = [f"sha256:{i:064x}" for i in range(len(w))]
+    drawn = random_crops(w, h, buckets, keys, seed=0)
+    for crops in (center_crops(w, h, buckets), drawn):
         assert (crops >= 0).all() and (crops + buckets <= resized).all()
-    centre = crop_offsets(np.array([2000]), np.array([1000]), np.array([[1024, 1024]]), "center", 0)
+    centre = center_crops(np.array([2000]), np.array([1000]), np.array([[1024, 1024]]))
     assert centre.tolist() == [[512, 0]]  # resized to 2048 x 1024: columns 512..1535 kept
+    # A random crop belongs to the image and the seed: another image in front moves no crop (no cached latent
+    # goes stale), another seed moves most of them, and every offset in range is reachable.
+    shifted = random_crops(np.r_[1000, w], np.r_[3000, h], np.r_[[[1024, 1024]], buckets], ["new", *keys], 0)
+    assert (shifted[1:] == drawn).all()
+    sizes = np.full(2000, 1100), np.full(2000, 1000), np.tile([[1024, 1024]], (2000, 1))
+    one = random_crops(*sizes, [str(i) for i in range(2000)], 0)  # resized 1126 x 1024: 103 left offsets
+    assert (random_crops(*sizes, [str(i) for i in range(2000)], 1) != one).mean() > 0.45  # one axis of two moves
+    assert one[:, 1].max() == 0 and set(one[:, 0].tolist()) == set(range(103))
 
 
 def make_sampler(rank: int = 0, world: int = 1, n: int = 103, batch: int = 4, repeats=None) -> BucketBatchSampler:

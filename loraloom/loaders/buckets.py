@@ -6,6 +6,8 @@ into whole tokens. All functions work on whole arrays: a million images are assi
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -66,15 +68,20 @@ def assign_buckets(widths: np.ndarray, heights: np.ndarray, resolution: int, div
     return out
 
 
-def crop_offsets(widths: np.ndarray, heights: np.ndarray, buckets: np.ndarray, mode: str,
+def center_crops(widths: np.ndarray, heights: np.ndarray, buckets: np.ndarray) -> np.ndarray:
+    """(N, 2) (left, top) of the centred crop in the image resized to cover its bucket (:func:`resized_size`)."""
+    return (resized_size(widths, heights, buckets) - buckets) // 2
+
+
+def random_crops(widths: np.ndarray, heights: np.ndarray, buckets: np.ndarray, keys: Sequence[str],
                  seed: int) -> np.ndarray:
-    """(N, 2) (left, top) of the crop in the image resized to cover its bucket (see :func:`resized_size`)."""
-    resized = resized_size(widths, heights, buckets)
-    spare = resized - buckets
-    if mode == "center":
-        return spare // 2
-    draw = np.random.default_rng(seed).random(spare.shape)
-    return np.floor(draw * (spare + 1)).astype(np.int64)
+    """(N, 2) (left, top) of a random crop, drawn from each image's ``keys`` entry (its content key) and
+    ``seed``, not from its position: adding or removing images moves no other image's crop, whose cached latent
+    stays valid."""
+    spare = resized_size(widths, heights, buckets) - buckets
+    digests = b"".join(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=16).digest() for key in keys)
+    draw = np.frombuffer(digests, np.uint64).reshape(-1, 2) / 2.0 ** 64
+    return np.minimum(np.floor(draw * (spare + 1)).astype(np.int64), spare)  # float rounding can reach 1.0
 
 
 def resized_size(widths: np.ndarray, heights: np.ndarray, buckets: np.ndarray) -> np.ndarray:

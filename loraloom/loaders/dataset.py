@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .buckets import BucketSettings, assign_buckets, crop_offsets, resized_size
+from .buckets import BucketSettings, assign_buckets, center_crops, random_crops, resized_size
 from .captions import Caption, fixed_part, render_packed, run_chain, split_chain, unpack
 from .images import DatasetError
 from .sources import SourceSettings, cached_index
@@ -93,8 +93,9 @@ class TrainingData:
     def _set_table(self, table: pa.Table) -> None:
         width, height = table.column("width").to_numpy(), table.column("height").to_numpy()
         bucket = assign_buckets(width, height, self.resolution, self.divisor, self.bucket_settings)
-        self._set_rows(table, bucket, resized_size(width, height, bucket),
-                       crop_offsets(width, height, bucket, self.bucket_settings.crop, self.seed))
+        crop = (random_crops(width, height, bucket, table.column("content").to_pylist(), self.seed)
+                if self.bucket_settings.crop == "random" else center_crops(width, height, bucket))
+        self._set_rows(table, bucket, resized_size(width, height, bucket), crop)
 
     def _set_rows(self, table: pa.Table, bucket: np.ndarray, resized: np.ndarray, crop: np.ndarray,
                   latent_digests: np.ndarray | None = None) -> None:
