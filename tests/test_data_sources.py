@@ -56,6 +56,9 @@ def test_a_folder_with_repeat_folders_and_every_bad_input_counted(tmp_path):
     empty = build([src.SourceSettings(path=str(root), missing_caption="empty")], trigger="zwx")
     assert sorted(empty.fixed_caption(i) for i in range(len(empty))) == ["zwx", "zwx, first", "zwx, second",
                                                                          "zwx, third"]
+    # Notepad's UTF-8 (a byte-order mark, CRLF line ends) reads as the same caption.
+    (root / "a.txt").write_bytes("\ufefffirst, tag\r\nother line\r\n".encode())
+    assert build([src.SourceSettings(path=str(root))]).fixed_caption(2) == "first, tag"
 
 
 def test_strict_mode_names_the_file_and_an_unusable_dataset_names_the_folder(tmp_path):
@@ -215,7 +218,7 @@ def test_booru_metadata_file_and_sidecars_give_kohaku_captions(tmp_path):
     folder = tmp_path / "side"
     for i in range(2):
         write_image(folder / f"{i}.png", color=(i, 1, 1), caption=None)
-        (folder / f"{i}.png.json").write_text(json.dumps(booru_record(i)))
+        (folder / f"{i}.png.json").write_text(json.dumps(booru_record(i)), encoding="utf-8-sig" if i else "utf-8")
     write_image(folder / "lonely.png", color=(7, 7, 7), caption=None)
     sidecar = build([src.SourceSettings(path=str(folder), booru=True)])
     assert len(sidecar) == 2 and sidecar.skipped == {"missing booru metadata": 1}

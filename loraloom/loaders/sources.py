@@ -201,7 +201,7 @@ def _folder_repeats(path: Path, root: Path) -> int:
 def _caption_file(path: Path, source: SourceSettings, skips: Skips) -> str | None:
     caption = path.with_suffix(source.caption_extension)
     try:
-        return caption.read_text(encoding="utf-8").strip()
+        return caption.read_text(encoding="utf-8-sig").strip()
     except FileNotFoundError:
         if source.missing_caption == "empty":
             return ""
@@ -217,7 +217,7 @@ def _booru_sidecar(path: Path, skips: Skips) -> dict | None:
     for candidate in (path.with_name(path.name + ".json"), path.with_suffix(".json")):
         if candidate.is_file():
             try:
-                record = json.loads(candidate.read_text(encoding="utf-8"))
+                record = json.loads(candidate.read_text(encoding="utf-8-sig"))
             except (UnicodeDecodeError, json.JSONDecodeError, OSError):
                 skips.add("unreadable booru metadata", candidate)
                 return None
