@@ -18,7 +18,7 @@ from loraloom.loaders.buckets import BucketSettings
 from loraloom.loaders.cache import EncoderCache
 from loraloom.loaders.captions import CaptionSettings
 from loraloom.loaders.dataset import TrainingData
-from loraloom.loaders.images import DatasetError, decode_batches, decode_image, load_crop
+from loraloom.loaders.images import DatasetError, decode_batches, decode_image, from_pil, load_crop
 
 
 def write_image(path, size=(64, 48), color=(200, 30, 30), mode="RGB", caption: str | None = "a, b", **save):
@@ -169,6 +169,23 @@ def test_decoding_handles_alpha_palette_16_bit_cmyk_and_exif_rotation(tmp_path):
     assert torch.equal(load_crop(tmp_path / "gradient.png", (64, 32), (0, 0), (64, 32), flip=True),
                        load_crop(tmp_path / "gradient.png", (64, 32), (0, 0), (64, 32)).flip(2))
 
+
+
+def test_a_large_jpeg_decodes_at_a_reduced_scale_that_still_covers_its_size(tmp_path):
+    big = tmp_path / "big.jpg"
+    Image.linear_gradient("L").resize((800, 400)).convert("RGB").save(big, quality=95)
+    assert decode_image(big).size == (800, 400)
+    assert decode_image(big, cover=(100, 50)).size == (100, 50)  # libjpeg's 1/8 scale
+    assert decode_image(big, cover=(101, 50)).size == (200, 100)  # 1/8 would not cover: 1/4
+    sideways = tmp_path / "sideways.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 800 x 400, shown 400 x 800
+    Image.open(big).save(sideways, exif=exif, quality=95)
+    assert decode_image(sideways, cover=(60, 120)).size == (100, 200)
+    # Cut to a bucket, the result matches decoding every pixel and resizing.
+    reduced = load_crop(big, (160, 80), (16, 8), (128, 64))
+    full = from_pil(decode_image(big).resize((160, 80), Image.Resampling.LANCZOS).crop((16, 8, 144, 72)))
+    assert reduced.shape == full.shape == (3, 64, 128) and (reduced - full).abs().mean() < 0.02
 
 def metadata_rows(folder, count=3):
     rows = []
