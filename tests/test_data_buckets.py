@@ -99,6 +99,14 @@ def test_ranks_share_every_epoch_with_nothing_twice_and_nothing_skipped(world):
         assert sorted(seen.tolist()) == list(range(103))
     counts = [len(make_sampler(r, world).epoch_batches(0)) for r in range(world)]
     assert max(counts) - min(counts) <= 1
+    # Rank r's batch k is batch k * world + r of the single-process order: the number per-batch randomness
+    # (caption shuffles) is seeded with, so ranks never share draws and match a single-process run.
+    single = make_sampler().epoch_batches(1)
+    for rank in range(world):
+        sampler, position = make_sampler(rank, world), SamplerPosition(epoch=1)
+        for k in range(counts[rank]):
+            ids, where, position = sampler.next_batch(position)
+            assert ids.tolist() == single[sampler.global_batch(where)].tolist() and where.batch == k
 
 
 def test_resume_mid_epoch_continues_with_the_identical_batches():

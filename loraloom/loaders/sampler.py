@@ -73,6 +73,11 @@ class BucketBatchSampler:
         order = rng.permutation(len(starts))
         return ids, starts[order], ends[order]
 
+    def global_batch(self, position: SamplerPosition) -> int:
+        """The number of ``position``'s batch among all ranks' batches of its epoch (rank r of w is dealt r,
+        r + w, ...): what per-batch randomness is seeded with, so that ranks do not repeat each other's draws."""
+        return position.batch * self.world_size + self.rank
+
     def next_batch(self, position: SamplerPosition) -> tuple[np.ndarray, SamplerPosition, SamplerPosition]:
         """(record indices, where they came from, the position after them)."""
         epoch, batch = position.epoch, position.batch

@@ -65,7 +65,7 @@ def describe_dataset(cfg: RunConfig, cache_root: Path | None, samples: int = 8, 
     while shown < min(samples, len(train_rows)):
         ids, where, position = sampler.next_batch(position)
         rows = train_rows[ids][: samples - shown]
-        for row, caption in zip(rows, data.captions_at(rows, where.epoch, where.batch)):
+        for row, caption in zip(rows, data.captions_at(rows, where.epoch, sampler.global_batch(where))):
             w, h = data.bucket[row]
             lines.append(f"  epoch {where.epoch} batch {where.batch} [{w}x{h}] "
                          f"{Path(data.paths[row].as_py()).name}: {caption!r}")

@@ -284,7 +284,7 @@ class Session:
         self.state.samples_seen += len(ids)
         data, rows = self.data, self.train_rows[ids]
         latents = self.encoding.latents(data, rows, data.flips(rows, where.epoch))
-        texts = data.captions_at(rows, where.epoch, where.batch)
+        texts = data.captions_at(rows, where.epoch, self.sampler.global_batch(where))
         # Per-step captions are encoded fresh and not stored: they would fill the cache with one-off texts.
         store = self.cfg.data.caption_variants > 0 or not data.any_varies(rows)
         return [Item(lat, txt) for lat, txt in zip(latents, self.encoding.embed(texts, store))]
