@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from loraloom.training import adapters
 from loraloom.training.families import flux
+from loraloom.training.precision import quantize_nf4, store_float8
 from loraloom.training.tiny_models import REAL_WIDTH, build_flux, write_flux_files
 
 FLUX_DOUBLE, FLUX_SINGLE = 19, 38
@@ -30,10 +30,9 @@ def stored_bytes(model: torch.nn.Module) -> int:
 def load(path: Path, precision: str) -> torch.nn.Module:
     """As Session._load_model stores the base (bf16 compute), without the adapter."""
     model = flux.load_transformer(path, torch.bfloat16, fp8_storage=precision == "fp8")
-    if precision == "fp8":
-        adapters.enable_fp8_storage(model, torch.bfloat16)
+    store_float8(model, convert=precision == "fp8")
     if precision == "nf4":
-        adapters.quantize_nf4(model, flux.LORA_TARGETS["all_linear"], torch.bfloat16, torch.device("cpu"))
+        quantize_nf4(model, flux.LORA_TARGETS["all_linear"], torch.bfloat16, torch.device("cpu"))
     return model
 
 

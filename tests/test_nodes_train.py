@@ -189,6 +189,16 @@ def test_model_node_defaults_to_the_tokenizers_that_ship_with_comfyui(comfy, tin
     assert model.base_precision == "fp8" and model.guidance_distilled and model.t5_max_length == 64
 
 
+@pytest.mark.parametrize("targets", ["attention", "all_linear"])
+def test_an_fp8_base_trains_in_fp32_through_the_node(comfy, graph, tiny_files, targets):
+    model = dataclasses.replace(graph["model"], transformer=str(tiny_files["transformer_fp8"]))
+    adapter = AdapterSettings().build(4, 8.0, 0.0, targets, 0)[0]
+    run, lora, history = train({**graph, "model": model, "adapter": adapter}, f"fp8-{targets}", total_steps=2,
+                               mixed_precision="fp32")
+    assert run.step == 2 and len(history.losses) == 2 and all(loss is not None for loss in history.losses)
+    assert lora and all(torch.isfinite(v.float()).all() for v in lora.values())
+
+
 def test_dataset_node_previews_captions_and_finds_relative_folders(comfy, shapes_folder, tmp_path):
     (tmp_path / "input").mkdir()
     (tmp_path / "input" / "shapes").symlink_to(shapes_folder, target_is_directory=True)

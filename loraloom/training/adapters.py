@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
-from .config import optional_module
-
 ADAPTER_NAME = "default"
-# diffusers' layerwise-casting defaults plus the adapter's own weights, which must stay trainable fp32.
-CASTING_SKIP = ("pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$", "lora_")
 
 
 def add_lora(model: torch.nn.Module, target_regex: str, rank: int, alpha: float, dropout: float,
@@ -69,33 +64,3 @@ def adapter_disabled(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for m, was_disabled in zip(layers, previous):
             m.enable_adapters(not was_disabled)
-
-
-def enable_fp8_storage(model: torch.nn.Module, compute_dtype: torch.dtype) -> None:
-    """Store linear weights in float8_e4m3fn, cast per layer to ``compute_dtype`` at use.
-
-    Call after the adapter exists: peft would otherwise create its weights in fp8.
-    """
-    model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
-                                   skip_modules_pattern=CASTING_SKIP)
-
-
-def quantize_nf4(model: torch.nn.Module, target_regex: str, compute_dtype: torch.dtype, device: torch.device
-                 ) -> None:
-    """Store the linear layers whose names fully match ``target_regex`` in 4-bit NormalFloat (QLoRA).
-
-    Each layer is quantised on ``device`` as it is replaced, so the full-precision base never sits there
-    whole. Call before :func:`add_lora`, so peft wraps the 4-bit layers with its bitsandbytes LoRA layer.
-    """
-    bnb = optional_module("bitsandbytes", "model.base_precision = 'nf4'", "model.base_precision = 'fp8'")
-    pattern = re.compile(target_regex)
-    for name, linear in list(model.named_modules()):
-        if not (isinstance(linear, torch.nn.Linear) and pattern.fullmatch(name)):
-            continue
-        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                  compute_dtype=compute_dtype, quant_type="nf4", device="meta")
-        layer.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4")
-        if linear.bias is not None:
-            layer.bias = torch.nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
-        model.set_submodule(name, layer.to(device))  # .to quantises
-    model.is_loaded_in_4bit = True  # what peft reads to pick its 4-bit LoRA layer

@@ -42,6 +42,7 @@ from .families import FAMILIES
 from .metrics import MetricsLog
 from .objectives import flow_match_inputs, sample_timesteps, validation_timesteps
 from .optimizers import make_optimizer
+from .precision import quantize_nf4, store_float8
 
 log = logging.getLogger(__name__)
 Event = dict[str, Any]
@@ -180,13 +181,12 @@ class Session:
         storage = self.compute_dtype if precision in ("auto", "fp8", "nf4") else DTYPES[precision]
         model = self.family.load_transformer(cfg.model.transformer, storage, fp8_storage=precision in ("auto", "fp8"),
                                              allow_pickle=cfg.model.allow_pickle)
+        store_float8(model, convert=precision == "fp8")  # before the adapter wraps the layers
         if precision == "nf4":
-            adapters.quantize_nf4(model, self.family.LORA_TARGETS["all_linear"], self.compute_dtype, self.device)
+            quantize_nf4(model, self.family.LORA_TARGETS["all_linear"], self.compute_dtype, self.device)
         self.adapted_modules = adapters.add_lora(
             model, self.family.LORA_TARGETS[cfg.adapter.targets], cfg.adapter.rank, cfg.adapter.alpha,
             cfg.adapter.dropout, cfg.adapter.init_seed)
-        if precision == "fp8" or any(p.dtype == torch.float8_e4m3fn for p in model.parameters()):
-            adapters.enable_fp8_storage(model, self.compute_dtype)
         if cfg.train.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         self.transformer = model.to(self.device)

@@ -18,6 +18,7 @@ import torch
 from ...loaders.files import ModelFileError, find_weights, read_safetensors, strip_prefix
 from ..config import ModelConfig
 from ..objectives import inference_sigmas
+from ..precision import assign_weights
 from .flux_layout import transformer_from_bfl
 
 if TYPE_CHECKING:
@@ -98,8 +99,8 @@ def load_transformer(path: str | Path, compute_dtype: torch.dtype, fp8_storage: 
                      ) -> FluxTransformer2DModel:
     """A Flux transformer from a BFL/ComfyUI single file, a diffusers-keyed file, or a diffusers folder.
 
-    fp8 tensors stay fp8 (linear weights); everything else is stored in ``compute_dtype``. Layerwise
-    casting to the compute dtype is switched on later, after the adapter exists (see adapters.py).
+    fp8 linear weights stay fp8 when ``fp8_storage`` (see :mod:`..precision`); everything else is stored in
+    ``compute_dtype``.
     """
     from accelerate import init_empty_weights
     from diffusers import FluxTransformer2DModel
@@ -124,7 +125,7 @@ def load_transformer(path: str | Path, compute_dtype: torch.dtype, fp8_storage: 
         raise _not_flux(path, sd)
     with init_empty_weights():
         model = FluxTransformer2DModel(**config)
-    _assign(model, sd, compute_dtype, fp8_storage, path)
+    assign_weights(model, sd, compute_dtype, fp8_storage, path)
     return model.requires_grad_(False).eval()
 
 
@@ -146,29 +147,6 @@ def _not_flux(path: Path, sd: dict) -> ModelFileError:
     return ModelFileError(
         f"{path} is not a Flux transformer: expected keys like '{BFL_MARKER}' (BFL/ComfyUI) or "
         f"'{DIFFUSERS_MARKER}' (diffusers), found {sample}. Check model.transformer points at a Flux file.")
-
-
-def _assign(model: torch.nn.Module, sd: dict[str, torch.Tensor], compute_dtype: torch.dtype,
-            fp8_storage: bool, path: Path) -> None:
-    """Load ``sd`` into a meta-initialised model without an upcast copy of fp8 weights."""
-    linear_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    missing, unexpected = expected.keys() - sd.keys(), sd.keys() - expected.keys()
-    if missing or unexpected:
-        raise ModelFileError(
-            f"{path}: weights do not match the model built from its shapes (missing {sorted(missing)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]}); the file may be truncated or of another model")
-    wrong = [f"{k} {tuple(v.shape)}, expected {tuple(expected[k])}" for k, v in sd.items() if v.shape != expected[k]]
-    if wrong:
-        raise ModelFileError(f"{path}: tensors of the wrong width ({'; '.join(wrong[:2])}); the file mixes models "
-                             "of different sizes or is corrupt: download it again")
-    out = {}
-    for k, v in sd.items():
-        if v.dtype == torch.float8_e4m3fn and k in linear_weights and fp8_storage:
-            out[k] = v
-        else:
-            out[k] = v.to(compute_dtype)
-    model.load_state_dict(out, assign=True, strict=True)
 
 
 # ---------------------------------------------------------------- VAE
