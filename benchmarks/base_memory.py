@@ -18,7 +18,7 @@ import torch
 
 from loraloom.training.families import flux
 from loraloom.training.precision import quantize_nf4, store_float8
-from loraloom.training.tiny_models import REAL_WIDTH, build_flux, write_flux_files
+from loraloom.training.families.flux_kit import REAL_WIDTH, build, write
 
 FLUX_DOUBLE, FLUX_SINGLE = 19, 38
 
@@ -32,7 +32,7 @@ def load(path: Path, precision: str) -> torch.nn.Module:
     model = flux.load_transformer(path, torch.bfloat16, fp8_storage=precision == "fp8")
     store_float8(model, convert=precision == "fp8")
     if precision == "nf4":
-        quantize_nf4(model, flux.LORA_TARGETS["all_linear"], torch.bfloat16, torch.device("cpu"))
+        quantize_nf4(model, flux.TARGETS["all_linear"], torch.bfloat16, torch.device("cpu"))
     return model
 
 
@@ -41,8 +41,8 @@ def main() -> None:
         files = {}
         for blocks in (1, 2):
             size = replace(REAL_WIDTH, double_blocks=blocks, single_blocks=blocks)
-            written = write_flux_files(build_flux(size, seed=0), Path(tmp) / str(blocks), diffusers=False)
-            files[blocks] = written["transformer_fp8"]  # fp8 on disk: the file users download
+            written = write(build(size, seed=0), Path(tmp) / str(blocks), diffusers=False)
+            files[blocks] = written["diffusion_model_fp8"]  # fp8 on disk: the file users download
         print("| precision | 1+1 blocks | per double + single block | full Flux (19 + 38), extrapolated |")
         print("|---|---|---|---|")
         for precision in ("bf16", "fp8", "nf4"):

@@ -151,15 +151,15 @@ def checkpoint_figures(width: str, folder: Path, repeats: int = 3) -> dict:
     from loraloom.training.config import RunConfig
     from loraloom.training.demo_data import write_shapes_dataset
     from loraloom.training.session import Session
-    from loraloom.training.tiny_models import REAL_WIDTH, TINY, build_flux, write_flux_files
+    from loraloom.training.families.flux_kit import REAL_WIDTH, TINY, build, write
 
-    files = write_flux_files(build_flux({"tiny": TINY, "real-width": REAL_WIDTH}[width]), folder / "models",
+    files = write(build({"tiny": TINY, "real-width": REAL_WIDTH}[width]), folder / "models",
                              diffusers=False)
     write_shapes_dataset(folder / "images", count=4, size=64, seed=0, trigger="zwx")
     cfg = RunConfig()
     cfg = replace(cfg, model=replace(cfg.model, **{k: str(files[k]) for k in (
-                      "transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")},
-                      t5_max_length=16),
+                      "diffusion_model", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")},
+                      text_length=16),
                   data=replace(cfg.data, images=str(folder / "images"), resolution=64, validation_images=1),
                   train=replace(cfg.train, steps=2, mixed_precision="fp32", gradient_checkpointing=False,
                                 checkpoint_every=0, validate_every=0),

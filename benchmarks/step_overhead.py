@@ -28,7 +28,7 @@ from loraloom.training.demo_data import write_shapes_dataset
 from loraloom.training.families import flux
 from loraloom.training.objectives import flow_match_inputs, sample_timesteps
 from loraloom.training.session import Session
-from loraloom.training.tiny_models import FluxSize, build_flux, write_flux_files
+from loraloom.training.families.flux_kit import FluxSize, build, write
 
 # Real head size and context/pooled widths, fewer heads and blocks so a CPU step takes about a second.
 BENCH = FluxSize(heads=4, head_dim=128, double_blocks=2, single_blocks=2, t5_width=4096, t5_heads=64,
@@ -40,7 +40,7 @@ def engine_config(files: dict, images: Path, run: Path, precision: str, batch: i
     cfg = replace(
         cfg,
         model=replace(cfg.model, transformer=str(files["diffusers"]), text_encoder=str(files["diffusers"]),
-                      text_encoder_2=str(files["diffusers"]), vae=str(files["diffusers"]), t5_max_length=512),
+                      text_encoder_2=str(files["diffusers"]), vae=str(files["diffusers"]), text_length=512),
         data=replace(cfg.data, images=str(images), resolution=resolution, validation_images=0),
         adapter=replace(cfg.adapter, rank=16, alpha=16.0, dropout=0.1, targets="attention_mlp"),
         train=replace(cfg.train, steps=10_000, batch_size=batch, mixed_precision=precision,
@@ -60,7 +60,7 @@ class BareLoop:
                                                             torch_dtype=session.compute_dtype)
         self.model.requires_grad_(False)
         self.model.add_adapter(LoraConfig(r=16, lora_alpha=16, lora_dropout=0.1,
-                                          target_modules=flux.LORA_TARGETS["attention_mlp"]))
+                                          target_modules=flux.TARGETS["attention_mlp"]))
         params = [p for p in self.model.parameters() if p.requires_grad]
         for p in params:
             p.data = p.data.float()
@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=256)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="loraloom-bench-"))
-    files = write_flux_files(build_flux(BENCH, seed=0), root / "models")
+    files = write(build(BENCH, seed=0), root / "models")
     write_shapes_dataset(root / "images", count=4, size=args.resolution, seed=0, trigger="zwx")
     cfg = load_config(engine_config(files, root / "images", root / "run", args.precision, args.batch,
                                     args.resolution))

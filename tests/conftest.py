@@ -12,17 +12,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from loraloom.training.config import RunConfig, load_config, to_toml
 from loraloom.training.demo_data import write_shapes_dataset
-from loraloom.training.tiny_models import REAL_WIDTH, TINY, build_flux, write_flux_files
+from loraloom.training.families import family
+
+FLUX = family("flux")
 
 
 @pytest.fixture(scope="session")
 def tiny_parts():
-    return build_flux(TINY, seed=0, extra_words=("zwx", "disc"))
+    return FLUX.tiny(seed=0, words=("zwx", "disc"))
 
 
 @pytest.fixture(scope="session")
 def tiny_files(tiny_parts, tmp_path_factory) -> dict[str, Path]:
-    return write_flux_files(tiny_parts, tmp_path_factory.mktemp("models"))
+    return FLUX.write_tiny(tiny_parts, tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="session")
@@ -43,9 +45,9 @@ def tiny_config(files: dict[str, Path], images: Path, run_dir: Path, cache: Path
     """A fast fp32 config over the tiny files; ``sections`` override fields, e.g. train={"steps": 3}."""
     cfg = RunConfig()
     base = {
-        "model": dict(transformer=str(files["transformer"]), text_encoder=str(files["text_encoder"]),
+        "model": dict(diffusion_model=str(files["diffusion_model"]), text_encoder=str(files["text_encoder"]),
                       text_encoder_2=str(files["text_encoder_2"]), tokenizer=str(files["tokenizer"]),
-                      tokenizer_2=str(files["tokenizer_2"]), vae=str(files["vae"]), t5_max_length=16),
+                      tokenizer_2=str(files["tokenizer_2"]), vae=str(files["vae"]), text_length=16),
         "data": dict(images=str(images), resolution=64, validation_images=2,
                      cache_dir=str(cache or run_dir.parent / "cache")),
         "adapter": dict(rank=4, alpha=8.0),
@@ -82,22 +84,22 @@ def real_width_with_lora():
 def build_real_width_with_lora(folder: Path, alpha: float, seed: int = 0):
     """A real-width Flux (3072 hidden, 4096 context, 768 pooled; 1 + 1 blocks) written in the BFL layout,
     loaded back in fp32 with a rank-4 LoRA on every linear layer whose A and B are both random (as after
-    training), and that LoRA exported. Returns (files, model, lora_path)."""
+    training), and that LoRA exported. Returns (files, model, adapter, lora_path)."""
     import torch
 
-    from loraloom.loaders.files import atomic_save_safetensors
     from loraloom.training import adapters
-    from loraloom.training.export import lora_file_state
+    from loraloom.training.config import AdapterConfig
+    from loraloom.training.export import write_adapter
     from loraloom.training.families import flux
+    from loraloom.training.families.base import DENOISER
 
-    files = write_flux_files(build_flux(REAL_WIDTH, seed=seed), folder / "models", diffusers=False)
-    model = flux.load_transformer(files["transformer"], torch.float32, fp8_storage=False)
-    adapters.add_lora(model, flux.LORA_TARGETS["all_linear"], rank=4, alpha=alpha, dropout=0.0, seed=0)
+    files = FLUX.write_tiny(FLUX.tiny(seed=seed, real_width=True), folder / "models", diffusers=False)
+    model = flux.load_transformer(files["diffusion_model"], torch.float32)
+    adapter = adapters.attach({DENOISER: model}, {DENOISER: flux.TARGETS["all_linear"]},
+                              AdapterConfig(rank=4, alpha=alpha), seed=0)
     with torch.no_grad():
         g = torch.Generator().manual_seed(seed)
-        for p in adapters.trainable_parameters(model):
+        for p in adapter.parameters()[DENOISER]:
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    lora_path = folder / "lora.safetensors"
-    state = lora_file_state(adapters.adapter_state(model), flux.EXPORT_PREFIX, alpha, torch.float32)
-    atomic_save_safetensors(state, lora_path)
-    return files, model, lora_path
+    lora_path = write_adapter(folder / "lora.safetensors", adapter.export(), FLUX, torch.float32, {})
+    return files, model, adapter, lora_path

@@ -33,10 +33,10 @@ def test_pickle_weights_are_refused_unless_opted_in_then_read_as_plain_tensors(t
 
 def test_a_run_refuses_a_pickled_base_until_model_allow_pickle_is_set(make_config, tiny_files, tmp_path):
     pickled = tmp_path / "flux1-tiny.pt"
-    torch.save(load_file(str(tiny_files["transformer"])), pickled)
+    torch.save(load_file(str(tiny_files["diffusion_model"])), pickled)
     with pytest.raises(ModelFileError, match=r"flux1-tiny\.pt: pickle .*model\.allow_pickle = true"):
-        Session.open(make_config("refused", model={"transformer": str(pickled)}))
-    session = Session.open(make_config("opted-in", model={"transformer": str(pickled), "allow_pickle": True},
+        Session.open(make_config("refused", model={"diffusion_model": str(pickled)}))
+    session = Session.open(make_config("opted-in", model={"diffusion_model": str(pickled), "allow_pickle": True},
                                        train={"steps": 1}))
     session.step(1)
     assert session.state.step == 1
@@ -62,7 +62,7 @@ def test_an_opted_in_pickle_with_code_is_refused_and_the_code_never_runs(tmp_pat
 
 
 def test_a_transformer_with_tensors_of_the_wrong_width_names_the_file_and_tensor(tiny_files, tmp_path):
-    sd = load_file(tiny_files["transformer"])
+    sd = load_file(tiny_files["diffusion_model"])
     key = next(k for k in sd if k.endswith("img_attn.qkv.weight"))
     sd[key] = torch.zeros(sd[key].shape[0], sd[key].shape[1] * 2)
     path = tmp_path / "flux-mixed.safetensors"
@@ -110,7 +110,7 @@ def test_paths_with_spaces_and_non_ascii_names_train_and_export(tiny_files, shap
     models = tmp_path / "mödels with spaces 模型"
     models.mkdir()
     moved = {}
-    for key in ("transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae"):
+    for key in ("diffusion_model", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae"):
         source = tiny_files[key]
         moved[key] = str(models / f"é {source.name}")
         (shutil.copytree if source.is_dir() else shutil.copy)(source, moved[key])

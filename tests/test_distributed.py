@@ -20,7 +20,6 @@ import torch
 from safetensors.torch import load_file
 
 from loraloom.training import adapters, checkpoint, distributed
-from loraloom.training import session as session_module
 from loraloom.training.config import ConfigError
 from loraloom.training.metrics import read_metrics
 from loraloom.training.session import Session
@@ -64,19 +63,20 @@ def _record_steps(session: Session) -> list[dict]:
     """Per optimizer step (accumulation 1): the batch, its noise and timesteps, and the gradients the
     optimizer is about to apply."""
     steps: list[dict] = []
-    next_batch, flow_match_inputs = session._next_batch, session_module.flow_match_inputs
+    next_batch, noised = session._next_batch, session.family.noised
 
     def batch():
         items = next_batch()
         steps.append({"items": items})
         return items
 
-    def inputs(x0, noise, t):
-        steps[-1].update(noise=noise, t=t)
-        return flow_match_inputs(x0, noise, t)
+    def drawn(*args, **kwargs):
+        out = noised(*args, **kwargs)
+        steps[-1].update(noise=out.noise, t=out.t)
+        return out
 
     session._next_batch = batch
-    session_module.flow_match_inputs = inputs  # in the forked rank only
+    session.family.noised = drawn  # in the forked rank only
     session.optimizer.register_step_pre_hook(
         lambda *_: steps[-1].update(grads=[p.grad.clone() for p in session.params]))
     return steps
@@ -90,7 +90,7 @@ def test_two_ranks_average_their_gradients_into_one_adapter_and_rank_0_alone_wri
         session = Session.open(cfg)
         steps = _record_steps(session)
         session.run()
-        torch.save({"steps": steps, "adapter": adapters.adapter_state(session.transformer)},
+        torch.save({"steps": steps, "adapter": session.adapter.state()},
                    tmp_path / f"rank{rank}.pt")
 
     assert run_ranks(rank_main) == [0, 0]
@@ -105,8 +105,8 @@ def test_two_ranks_average_their_gradients_into_one_adapter_and_rank_0_alone_wri
     single = Session.open(make_config("single"))
     run_dir = Path(cfg.output.run_dir)
     after_one = load_file(checkpoint.step_folder(run_dir, 1) / "adapter.safetensors")
-    adapters.load_adapter_state(single.transformer, after_one)
-    single.transformer.train()
+    single.adapter.load_state(after_one)
+    single.denoiser.train()
 
     def gradients(steps: list[dict]) -> tuple[float, list[torch.Tensor]]:
         single.optimizer.zero_grad(set_to_none=True)

@@ -13,7 +13,7 @@ import torch
 from loraloom.loaders.images import DatasetError
 from loraloom.training import adapters
 from loraloom.training.encoders import CachedOnly, Encoders, probe_id, probe_pixels
-from loraloom.training.families import flux
+from loraloom.training.families import flux, parts
 from loraloom.training.session import Session, encode_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,14 +38,14 @@ class TextObject:
 
 class ImageObject:
     def __init__(self, model):
-        self.vae = flux.load_vae(model.vae)
+        self.vae = parts.load_vae(model.vae)
         self.calls = 0
         self.id = probe_id("test-vae", [self.encode_images(probe_pixels())])
         self.calls = 0
 
     def encode_images(self, pixels):
         self.calls += len(pixels)
-        return flux.encode_images(self.vae, pixels)
+        return parts.encode_images(self.vae, pixels)
 
 
 def trained(make_config, run, encoders=None, steps=2):
@@ -70,7 +70,7 @@ def test_given_encoders_train_the_same_adapter_as_the_engines_own(config, given)
     other = trained(config, "given", Encoders(text=text, image=image))
     for encoder in (text, image):
         assert encoder is None or encoder.calls > 0  # the given encoders did the encoding
-    a, b = adapters.adapter_state(own.transformer), adapters.adapter_state(other.transformer)
+    a, b = own.adapter.state(), other.adapter.state()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     if text:
         assert other.encoding.text_cache.folder.name == text.id
@@ -95,7 +95,7 @@ def test_a_second_open_reads_the_cache_and_a_worker_trains_from_it(config):
     worker = Session.open(config("worker", data={"cache_dir": str(config.root / "shared")}, train={"steps": 2}),
                           encoders=Encoders(CachedOnly(text.id), CachedOnly(image.id)))
     worker.step(2)
-    a, b = adapters.adapter_state(session.transformer), adapters.adapter_state(worker.transformer)
+    a, b = session.adapter.state(), worker.adapter.state()
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(DatasetError, match="not in the cache of text encoder"):
         Session.open(config("missing", data={"cache_dir": str(config.root / "shared")},
@@ -106,9 +106,9 @@ def test_a_second_open_reads_the_cache_and_a_worker_trains_from_it(config):
 PROBE_IN_A_NEW_PROCESS = """
 import sys
 from loraloom.training.encoders import probe_id, probe_pixels
-from loraloom.training.families import flux
-vae = flux.load_vae(sys.argv[1])
-print(probe_id("test-vae", [flux.encode_images(vae, probe_pixels())]))
+from loraloom.training.families import flux, parts
+vae = parts.load_vae(sys.argv[1])
+print(probe_id("test-vae", [parts.encode_images(vae, probe_pixels())]))
 """
 
 

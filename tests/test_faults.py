@@ -76,7 +76,7 @@ def test_disk_full_while_checkpointing_and_exporting_keeps_the_previous_files_th
     resumed = Session.open(make_config("full", **run))
     assert resumed.state.step == 2
     resumed.run()
-    a, b = adapters.adapter_state(straight.transformer), adapters.adapter_state(resumed.transformer)
+    a, b = straight.adapter.state(), resumed.adapter.state()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in read_metrics(resumed.run_dir) if r["type"] == "step"] == [1, 2, 3, 4]
 
@@ -90,16 +90,16 @@ def _poison(session: Session, bad_calls: set[int] | None) -> None:
         calls += 1
         return output * float("nan") if bad_calls is None or calls in bad_calls else output
 
-    session.transformer.proj_out.register_forward_hook(hook)
+    session.denoiser.proj_out.register_forward_hook(hook)
 
 
 def test_a_nan_step_is_skipped_and_counted_and_training_goes_on(make_config):
     session = Session.open(make_config(train={"steps": 4}))
     _poison(session, {2})
     session.step(1)
-    after_first = adapters.adapter_state(session.transformer)
+    after_first = session.adapter.state()
     session.step(1)
-    unchanged = adapters.adapter_state(session.transformer)
+    unchanged = session.adapter.state()
     assert all(torch.equal(after_first[k], unchanged[k]) for k in after_first)  # the bad step updated nothing
     session.run()
     assert session.state.skipped_steps == 1 and session.state.nonfinite_streak == 0
@@ -107,14 +107,14 @@ def test_a_nan_step_is_skipped_and_counted_and_training_goes_on(make_config):
     assert sorted(records) == [1, 2, 3, 4]
     assert records[2]["skipped"] == "non-finite loss" and records[2]["loss"] is None
     assert all(records[s]["loss"] > 0 and "skipped" not in records[s] for s in (1, 3, 4))
-    final = adapters.adapter_state(session.transformer)
+    final = session.adapter.state()
     assert any(not torch.equal(unchanged[k], final[k]) for k in final)
 
 
 def test_nan_steps_in_a_row_stop_the_run_with_its_last_checkpoint_intact(make_config):
     session = Session.open(make_config(train={"steps": 10, "checkpoint_every": 2, "nonfinite_patience": 3}))
     session.step(2)
-    good = adapters.adapter_state(session.transformer)
+    good = session.adapter.state()
     _poison(session, None)
     with pytest.raises(NonFiniteError, match=r"3 steps in a row \(up to step 5\) had a NaN/inf loss or gradient "
                                              r"and were skipped; stopping\. The last checkpoint in .* is intact"):
@@ -122,7 +122,7 @@ def test_nan_steps_in_a_row_stop_the_run_with_its_last_checkpoint_intact(make_co
     found = checkpoint.newest_valid_checkpoint(session.run_dir)
     assert found is not None and found[0].name == "step-00000004"
     resumed = Session.open(make_config(train={"steps": 10, "checkpoint_every": 2, "nonfinite_patience": 3}))
-    restored = adapters.adapter_state(resumed.transformer)
+    restored = resumed.adapter.state()
     assert all(torch.equal(good[k], restored[k]) for k in good)  # skipped steps never touched the weights
 
 

@@ -35,7 +35,7 @@ def test_chained_caption_nodes_combine_their_fields():
     (named,) = CaptionAffixes().build("masterpiece", "best quality", captions=both)
     (final,) = CaptionFormat().build("tags", captions=named)
     assert final == CaptionSettings(
-        underscores=True, keep_underscore_length=3, dedupe=True, replace=(("cat", "dog"), ("bad", "")),
+        format="tags", underscores=True, keep_underscore_length=3, dedupe=True, replace=(("cat", "dog"), ("bad", "")),
         blacklist=("ugly", "blurry"), shuffle=True, keep_first=2, tag_dropout=0.1, caption_dropout=0.05,
         prefix="masterpiece", suffix="best quality")
     assert tags.shuffle is False  # upstream settings are never changed: the nodes keep no state

@@ -18,12 +18,15 @@ from loraloom.nodes.adapter import ExportAdapter, export_path
 from loraloom.nodes.encode import EncodeDataset, EncodePrompt
 from loraloom.nodes.images import LossGraph, SideBySide, from_image_batch, to_image_batch
 from loraloom.nodes.runs import LossHistory, TrainedRun
-from loraloom.nodes.settings import AdapterSettings, DatasetFolder, ModelForTraining, OptimizerSettings
+from loraloom.nodes.settings import AdapterSettings, DatasetFolder, OptimizerSettings, model_node
 from loraloom.nodes.train import TrainSteps
 from loraloom.nodes.widgets import widget
 from loraloom.training.config import ConfigError, TrainConfig
-from loraloom.training.families import flux
+from loraloom.training.families import family, flux, parts
 from loraloom.training.metrics import read_metrics
+
+
+FluxModel = model_node(family("flux"))
 
 
 class Interrupted(Exception):
@@ -46,13 +49,13 @@ class Host:
         self.loras = tmp_path / "models" / "loras"
         self.sent, self.bars, self.freed = [], [], 0
         self.cancel_after: int | None = None
-        folders = {"diffusion_models": tiny_files["transformer"].parent, "text_encoders":
+        folders = {"diffusion_models": tiny_files["diffusion_model"].parent, "text_encoders":
                    tiny_files["text_encoder"].parent, "vae": tiny_files["vae"].parent}
         monkeypatch.setattr(host, "output_dir", lambda: self.output)
         monkeypatch.setattr(host, "input_dir", lambda: tmp_path / "input")
         monkeypatch.setattr(host, "model_path", lambda folder, name: folders[folder] / name)
         monkeypatch.setattr(host, "first_folder", lambda folder: {"loras": self.loras}[folder])
-        monkeypatch.setattr(host, "bundled_tokenizer", lambda which: tmp_path / f"bundled-{which}")
+        monkeypatch.setattr(host, "bundled_tokenizer", lambda folder: tmp_path / "bundled" / folder)
         monkeypatch.setattr(host, "send_progress", lambda event, payload: self.sent.append((event, payload)))
         monkeypatch.setattr(host, "progress_bar", self._bar)
         monkeypatch.setattr(host, "free_models", self._free)
@@ -92,9 +95,10 @@ def comfy(tmp_path, output, tiny_files, monkeypatch) -> Host:
 @pytest.fixture
 def graph(comfy, tiny_files, shapes_folder):
     """The setting nodes' outputs, as the example workflow wires them."""
-    model = ModelForTraining().build("flux", tiny_files["transformer"].name, tiny_files["text_encoder"].name,
-                                     tiny_files["text_encoder_2"].name, tiny_files["vae"].name, "auto", False, 16,
-                                     str(tiny_files["tokenizer"]), str(tiny_files["tokenizer_2"]))[0]
+    model = FluxModel().build(transformer=tiny_files["diffusion_model"].name, clip_l=tiny_files["text_encoder"].name,
+                              t5=tiny_files["text_encoder_2"].name, vae=tiny_files["vae"].name, base_precision="auto",
+                              guidance_distilled=False, text_length=16, clip_tokenizer=str(tiny_files["tokenizer"]),
+                              t5_tokenizer=str(tiny_files["tokenizer_2"]))[0]
     dataset, _ = DatasetFolder().build(str(shapes_folder), ".txt", "zwx", 64, 2)
     adapter = AdapterSettings().build(4, 8.0, 0.0, "attention_mlp", 0)[0]
     optimizer = OptimizerSettings().build("adamw", 1e-3, "constant", 0, 0.01)[0]
@@ -182,16 +186,18 @@ def test_bad_settings_are_refused_before_loading(comfy, graph):
 
 
 def test_model_node_defaults_to_the_tokenizers_that_ship_with_comfyui(comfy, tiny_files, tmp_path):
-    model = ModelForTraining().build("flux", tiny_files["transformer"].name, tiny_files["text_encoder"].name,
-                                     tiny_files["text_encoder_2"].name, tiny_files["vae"].name, "fp8", True, 64)[0]
-    assert model.transformer == str(tiny_files["transformer"]) and model.vae == str(tiny_files["vae"])
-    assert model.tokenizer == str(tmp_path / "bundled-clip") and model.tokenizer_2 == str(tmp_path / "bundled-t5")
-    assert model.base_precision == "fp8" and model.guidance_distilled and model.t5_max_length == 64
+    model = FluxModel().build(transformer=tiny_files["diffusion_model"].name, clip_l=tiny_files["text_encoder"].name,
+                              t5=tiny_files["text_encoder_2"].name, vae=tiny_files["vae"].name, base_precision="fp8",
+                              guidance_distilled=True, text_length=64)[0]
+    assert model.diffusion_model == str(tiny_files["diffusion_model"]) and model.vae == str(tiny_files["vae"])
+    assert model.tokenizer == str(tmp_path / "bundled" / "sd1_tokenizer")
+    assert model.tokenizer_2 == str(tmp_path / "bundled" / "text_encoders" / "t5_tokenizer")
+    assert model.base_precision == "fp8" and model.guidance_distilled and model.text_length == 64
 
 
 @pytest.mark.parametrize("targets", ["attention", "all_linear"])
 def test_an_fp8_base_trains_in_fp32_through_the_node(comfy, graph, tiny_files, targets):
-    model = dataclasses.replace(graph["model"], transformer=str(tiny_files["transformer_fp8"]))
+    model = dataclasses.replace(graph["model"], diffusion_model=str(tiny_files["diffusion_model_fp8"]))
     adapter = AdapterSettings().build(4, 8.0, 0.0, targets, 0)[0]
     run, lora, history = train({**graph, "model": model, "adapter": adapter}, f"fp8-{targets}", total_steps=2,
                                mixed_precision="fp32")
@@ -217,7 +223,7 @@ def test_widgets_carry_the_config_defaults_and_docs():
     assert kind == "INT" and spec["default"] == TrainConfig().steps and spec["min"] == 1
     assert spec["tooltip"] == "Total optimizer steps."
     choices, spec = widget(TrainConfig, "timesteps")
-    assert choices == ["uniform", "sigmoid", "shift", "auto_shift"] and spec["default"] == "auto_shift"
+    assert choices == ["auto", "uniform", "sigmoid", "shift", "auto_shift"] and spec["default"] == "auto"
 
 
 def test_export_never_overwrites_unless_asked(tmp_path):
@@ -334,11 +340,11 @@ class FakeVae:
     """Stands for ComfyUI's VAE object: encode takes (B, H, W, 3) pixels in [0, 1], returns raw latents."""
 
     def __init__(self, path):
-        self.vae, self.calls = flux.load_vae(path), 0
+        self.vae, self.calls = parts.load_vae(path), 0
 
     def encode(self, pixels):
         self.calls += len(pixels)
-        return flux.encode_images(self.vae, pixels.movedim(-1, 1) * 2 - 1)
+        return parts.encode_images(self.vae, pixels.movedim(-1, 1) * 2 - 1)
 
 
 @pytest.fixture
@@ -364,7 +370,7 @@ def test_encode_dataset_trains_like_the_engines_encoders_and_a_requeue_hits_the_
     _, worker_lora, _ = train({**graph, "dataset": encoded}, "comfy-worker", total_steps=2, steps_per_queue=2,
                               worker_process=True)
     assert all(torch.equal(worker_lora[k], lora[k]) for k in lora)
-    other_model = dataclasses.replace(graph["model"], t5_max_length=32)
+    other_model = dataclasses.replace(graph["model"], text_length=32)
     with pytest.raises(ConfigError, match="different models"):
         train({**graph, "dataset": encoded, "model": other_model}, "mismatch", total_steps=2)
 
@@ -383,8 +389,8 @@ def test_per_step_captions_use_comfyuis_clip_in_process_and_refuse_a_worker(comf
 
 
 def test_comfyui_clip_pads_and_cuts_t5_input_as_the_engine_does(graph):
-    encoders = flux.load_text_encoders(graph["model"], torch.float32)  # t5_max_length 16
-    wrapped = host.ComfyTextEncoder(FakeClip(encoders), 16)
+    encoders = flux.load_text_encoders(graph["model"], torch.float32)  # text_length 16
+    wrapped = host.ComfyTextEncoder(FakeClip(encoders), family("flux"), 16)
     texts = ["zwx", "a red circle " * 10]  # 2 and 31 T5 tokens
     for text, got in zip(texts, wrapped.encode_texts(texts)):
         expected = flux.encode_prompts(encoders, [text])

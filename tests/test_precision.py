@@ -49,24 +49,24 @@ def test_fp8_conversion_stores_every_linear_weight_and_keeps_biases():
 @pytest.mark.parametrize("targets", ["attention", "attention_mlp", "all_linear"])
 def test_an_all_linear_fp8_file_trains_with_every_target(make_config, tiny_files, precision, targets):
     """The kit's fp8 file stores every 2-D weight in fp8, the modulation and embedding layers included."""
-    cfg = make_config(f"{targets}-{precision}", model={"transformer": str(tiny_files["transformer_fp8"])},
+    cfg = make_config(f"{targets}-{precision}", model={"diffusion_model": str(tiny_files["diffusion_model_fp8"])},
                       adapter={"targets": targets, "rank": 8, "alpha": 8.0}, optimizer={"lr": 3e-3},
                       train={"steps": 12, "mixed_precision": precision, "gradient_checkpointing": precision == "bf16"})
     session = Session.open(cfg)
-    linears = base_linears(session.transformer)
+    linears = base_linears(session.denoiser)
     assert linears and all(isinstance(m, Float8Linear) and m.weight.dtype == torch.float8_e4m3fn
                            for n, m in linears.items()), [n for n, m in linears.items() if type(m) is torch.nn.Linear]
-    stored = [p for p in session.transformer.parameters() if p.dtype == torch.float8_e4m3fn]
+    stored = [p for p in session.denoiser.parameters() if p.dtype == torch.float8_e4m3fn]
     assert len(stored) == len(linears)  # no float8 tensor outside a Float8Linear
     before = session.validate()
     records = session.step(cfg.train.steps)
     assert all(r["loss"] is not None for r in records)
     assert session.validate() < before
-    assert all(m.weight.dtype == torch.float8_e4m3fn for m in base_linears(session.transformer).values())
+    assert all(m.weight.dtype == torch.float8_e4m3fn for m in base_linears(session.denoiser).values())
 
 
 def test_cli_trains_an_fp8_file_in_fp32(make_config, tiny_files, tmp_path, capsys):
-    make_config("fp8", model={"transformer": str(tiny_files["transformer_fp8"])}, adapter={"targets": "all_linear"},
+    make_config("fp8", model={"diffusion_model": str(tiny_files["diffusion_model_fp8"])}, adapter={"targets": "all_linear"},
                 train={"steps": 2, "mixed_precision": "fp32"})  # written to tmp_path / "fp8.toml"
     assert main(["train", str(tmp_path / "fp8.toml")]) == 0
     assert "adapter:" in capsys.readouterr().out

@@ -48,7 +48,7 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(make_c
 
 
 def _adapter(session: Session) -> dict[str, torch.Tensor]:
-    return adapters.adapter_state(session.transformer)
+    return session.adapter.state()
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_one_before(make_config, caplog):
@@ -107,13 +107,13 @@ def test_resume_refuses_a_changed_dataset_or_a_swapped_base_file(make_config, sh
     images = tmp_path / "images"
     shutil.copytree(shapes_folder, images)
     base = tmp_path / "base.safetensors"
-    shutil.copy(tiny_files["transformer"], base)
-    make = lambda: make_config(data={"images": str(images)}, model={"transformer": str(base)},  # noqa: E731
+    shutil.copy(tiny_files["diffusion_model"], base)
+    make = lambda: make_config(data={"images": str(images)}, model={"diffusion_model": str(base)},  # noqa: E731
                                train={"steps": 2})
     Session.open(make()).run()
     moved = tmp_path / "moved"
     images.rename(moved)  # the same content in another folder resumes
-    assert Session.open(make_config(data={"images": str(moved)}, model={"transformer": str(base)},
+    assert Session.open(make_config(data={"images": str(moved)}, model={"diffusion_model": str(base)},
                                     train={"steps": 2})).state.step == 2
     moved.rename(images)
     caption = sorted(images.glob("*.txt"))[0]
@@ -121,14 +121,14 @@ def test_resume_refuses_a_changed_dataset_or_a_swapped_base_file(make_config, sh
     with pytest.raises(ConfigError, match=r"data\.images: the content changed since the checkpoint"):
         Session.open(make())
     caption.write_text(caption.read_text().removesuffix(", edited"))
-    shutil.copy(tiny_files["transformer_fp8"], base)  # another base model under the same name
-    with pytest.raises(ConfigError, match=r"model\.transformer: the content changed since the checkpoint"):
+    shutil.copy(tiny_files["diffusion_model_fp8"], base)  # another base model under the same name
+    with pytest.raises(ConfigError, match=r"model\.diffusion_model: the content changed since the checkpoint"):
         Session.open(make())
 
 
 def test_model_files_are_compared_by_content_not_by_path(make_config, tiny_files, tmp_path):
-    models = tiny_files["transformer"].parent
-    names = ("transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")
+    models = tiny_files["diffusion_model"].parent
+    names = ("diffusion_model", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")
 
     def model_paths(root: Path) -> dict[str, str]:
         return {name: str(root / tiny_files[name].relative_to(models)) for name in names}
@@ -159,7 +159,7 @@ def test_cancel_mid_step_then_checkpoint_resumes_exactly(make_config):
         if calls == 2:  # the second micro-batch forward of step 3: data and noise already drawn
             raise KeyboardInterrupt("cancelled")
 
-    hook = session.transformer.register_forward_hook(cancel_on_second_forward)
+    hook = session.denoiser.register_forward_hook(cancel_on_second_forward)
     with pytest.raises(KeyboardInterrupt):
         session.step(1)
     hook.remove()
@@ -185,7 +185,7 @@ def test_checkpoint_records_every_rng_and_the_content_fingerprints(make_config):
     host = json.loads(files["host_rng.json"])
     assert host.keys() == {"python", "numpy"}
     assert json.loads(files["fingerprints.json"]).keys() == {
-        "model.transformer", "model.text_encoder", "model.text_encoder_2", "model.tokenizer", "model.tokenizer_2",
+        "model.diffusion_model", "model.text_encoder", "model.text_encoder_2", "model.tokenizer", "model.tokenizer_2",
         "model.vae", "data.images"}
 
 
@@ -197,7 +197,7 @@ def test_python_and_numpy_randomness_inside_a_step_resumes_exactly_and_leaves_th
     import numpy as np
 
     def jitter(session: Session) -> None:
-        session.transformer.proj_out.register_forward_hook(
+        session.denoiser.proj_out.register_forward_hook(
             lambda module, args, output: output * (1 + 0.05 * (random.random() + np.random.rand())))
 
     straight = Session.open(make_config("straight", train={"steps": 4}))

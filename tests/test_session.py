@@ -45,7 +45,7 @@ def test_resume_continues_exactly(make_config):
     resumed = Session.open(make_config("split", train={"steps": 6}, adapter={"dropout": 0.1}))
     assert resumed.state.step == 3
     resumed.run()
-    a, b = adapters.adapter_state(straight.transformer), adapters.adapter_state(resumed.transformer)
+    a, b = straight.adapter.state(), resumed.adapter.state()
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -82,10 +82,10 @@ def test_metrics_log_records_loss_lr_time_and_memory(make_config):
 
 def test_gradient_accumulation_and_clipping_run(make_config):
     session = Session.open(make_config(train={"steps": 2, "gradient_accumulation": 2, "max_grad_norm": 1e-6}))
-    before = {k: v.clone() for k, v in adapters.adapter_state(session.transformer).items()}
+    before = {k: v.clone() for k, v in session.adapter.state().items()}
     records = session.step(2)
     assert all(r["grad_norm"] > 0 for r in records)
-    after = adapters.adapter_state(session.transformer)
+    after = session.adapter.state()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert session.state.samples_seen == 2 * 2 * 2  # steps x accumulation x batch
 
@@ -111,10 +111,10 @@ def test_second_open_hits_the_caches_and_a_changed_caption_misses_once(make_conf
 
 
 def test_fp8_base_stays_fp8_and_trains_in_bf16(make_config, tiny_files):
-    cfg = make_config(model={"transformer": str(tiny_files["transformer_fp8"])},
+    cfg = make_config(model={"diffusion_model": str(tiny_files["diffusion_model_fp8"])},
                       train={"steps": 2, "mixed_precision": "bf16", "gradient_checkpointing": True})
     session = Session.open(cfg)
-    base = session.transformer.transformer_blocks[0].attn.to_q.base_layer.weight
+    base = session.denoiser.transformer_blocks[0].attn.to_q.base_layer.weight
     assert base.dtype == torch.float8_e4m3fn
     assert all(p.dtype == torch.float32 for p in session.params)
     records = session.step(2)
@@ -127,10 +127,10 @@ def test_nf4_base_is_four_bit_close_to_the_full_base_and_learns(make_config, tin
     settings = dict(train={"steps": 40, "batch_size": 2}, optimizer={"lr": 3e-3}, adapter={"rank": 8, "alpha": 8.0})
     full = Session.open(make_config("full", **settings))
     nf4 = Session.open(make_config("nf4", model={"base_precision": "nf4"}, **settings))
-    plain = flux.load_transformer(tiny_files["transformer"], torch.float32, fp8_storage=False)
+    plain = flux.load_transformer(tiny_files["diffusion_model"], torch.float32, fp8_storage=False)
     in_blocks = [n for n, m in plain.named_modules()
-                 if isinstance(m, torch.nn.Linear) and re.fullmatch(flux.LORA_TARGETS["all_linear"], n)]
-    quantized = {n.removesuffix(".base_layer"): m for n, m in nf4.transformer.named_modules()
+                 if isinstance(m, torch.nn.Linear) and re.fullmatch(flux.TARGETS["all_linear"], n)]
+    quantized = {n.removesuffix(".base_layer"): m for n, m in nf4.denoiser.named_modules()
                  if isinstance(m, bnb.nn.Linear4bit)}
     assert sorted(quantized) == sorted(in_blocks)
     for name, layer in quantized.items():  # half a byte per weight, plus one scale per 64

@@ -275,9 +275,10 @@ class CaptionDropout(Processor):
 @dataclass(frozen=True)
 class CaptionSettings:
     """The caption pipeline of one source, applied in a fixed order (the order of the fields below)."""
-    format: Literal["tags", "text"] = field(default="tags", metadata={"doc": (
+    format: Literal["auto", "tags", "text"] = field(default="auto", metadata={"doc": (
         "'tags': comma-separated tags ('|||' separates kept-front / shuffled / kept-end sections); 'text': "
-        "natural language, passed through the tag processors untouched (Lumina 2).")})
+        "natural language, passed through the tag processors untouched; 'auto': the model family's own (text for "
+        "families whose text encoder is a language model, tags otherwise).")})
     choose: bool = field(default=False, metadata={"doc": (
         "Several captions per image (one per line): pick one at random each step. Off: the first line.")})
     keep_first: int = field(default=0, metadata={"doc": "Keep the first N tags in front when shuffling."})

@@ -41,6 +41,14 @@ class LatentSpec:
         return latent_digest(self.content, self.bucket, self.resized, self.crop, self.flip).hex()
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """Where a training sample's pixels came from, in pixels: SDXL's size conditioning reads it."""
+    original: tuple[int, int]  # (width, height) of the source image
+    crop: tuple[int, int]  # (left, top) of the crop in the resized image, mirrored with the image
+    target: tuple[int, int]  # (width, height) of the bucket
+
+
 def latent_digest(content: str, bucket: tuple[int, int], resized: tuple[int, int], crop: tuple[int, int],
                   flip: bool) -> bytes:
     """sha256 of what a latent is (see :class:`LatentSpec`); its hex is the latent cache key."""
@@ -146,6 +154,17 @@ class TrainingData:
                           for content, bucket, resized, crop in zip(self.contents.to_pylist(), *sizes)
                           for flip in flips)
         return np.frombuffer(joined, np.uint8).reshape(len(self), len(flips), 32)
+
+    def geometry(self, rows: Sequence[int], flips: Sequence[bool]) -> list[Geometry]:
+        """Each sample's :class:`Geometry`; a mirrored crop is measured from the other side."""
+        width, height = self.table.column("width"), self.table.column("height")
+        out = []
+        for row, flip in zip(rows, flips):
+            (bucket_w, bucket_h), (resized_w, _), (left, top) = (tuple(a[row].tolist()) for a in
+                                                                  (self.bucket, self.resized, self.crop))
+            out.append(Geometry((width[row].as_py(), height[row].as_py()),
+                                (resized_w - bucket_w - left if flip else left, top), (bucket_w, bucket_h)))
+        return out
 
     def flips(self, rows: Sequence[int], epoch: int) -> list[bool]:
         """Whether each record is mirrored in ``epoch`` (always False unless buckets.flip)."""

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import importlib.util
 
+from ..training.families import FAMILIES
 from .adapter import ApplyTrainedAdapter, ExportAdapter
 from .captions import CaptionAffixes, CaptionFormat, CaptionShuffle, CaptionTags
 from .encode import EncodeDataset, EncodePrompt
 from .images import LossGraph, SideBySide
-from .settings import AdapterSettings, DatasetFolder, DatasetMetadata, ModelForTraining, OptimizerSettings
+from .settings import AdapterSettings, DatasetFolder, DatasetMetadata, OptimizerSettings, model_node
 from .train import TrainSteps
 
 # id -> (class, display name). Ids carry the LoraLoom prefix: ComfyUI silently drops a node whose id clashes.
 NODES = {
-    "LoraLoomModel": (ModelForTraining, "Model for training"),
+    **{f"LoraLoomModel{f.title.replace(' ', '')}": (model_node(f), f"Model for training ({f.title})")
+       for f in FAMILIES.values()},
     "LoraLoomDatasetFolder": (DatasetFolder, "Dataset (folder)"),
     "LoraLoomDatasetMetadata": (DatasetMetadata, "Dataset (metadata file)"),
     "LoraLoomEncodeDataset": (EncodeDataset, "Encode dataset (cache)"),

@@ -63,7 +63,7 @@ class ExportAdapter:
 
 class ApplyTrainedAdapter:
     DESCRIPTION = ("Patch a MODEL from the stock loaders with the run's adapter through ComfyUI's own LoRA "
-                   "patching: train on Flux-dev2pro, apply to Flux-dev.")
+                   "patching: train on a de-distilled base, apply to the model you sample with.")
     CATEGORY = f"{CATEGORY}/adapter"
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "apply"

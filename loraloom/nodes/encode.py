@@ -7,7 +7,7 @@ import dataclasses
 
 from ..training.config import ConfigError, DataConfig, ModelConfig, RunConfig, config_from_dict
 from ..training.encoders import Encoders, FamilyTextEncoder
-from ..training.families import FAMILIES
+from ..training.families import family
 from ..training.session import EncodeSummary, default_device, encode_data
 from . import host
 from .runs import CACHE_SUBFOLDER
@@ -55,23 +55,24 @@ class EncodeDataset:
             "model": ("LORALOOM_MODEL", {"tooltip": "The same Model for training node as Train steps."}),
             "dataset": ("LORALOOM_DATASET", {"tooltip": "A Dataset (folder) or Dataset (metadata file) node."}),
         }, "optional": {
-            "clip": ("CLIP", {"tooltip": "Flux text encoders from DualCLIPLoader (type flux). Unconnected: the "
-                              "model's clip_l and t5 files. Captions are padded to the model's t5_max_length."}),
-            "vae": ("VAE", {"tooltip": "The Flux VAE from VAELoader. Unconnected: the model's vae file."}),
+            "clip": ("CLIP", {"tooltip": "The model family's text encoders from ComfyUI's loader (DualCLIPLoader, "
+                              "CLIPLoader or a checkpoint loader). Unconnected: the model node's text encoder "
+                              "files. Captions are padded to the model's text_length."}),
+            "vae": ("VAE", {"tooltip": "The model family's VAE from VAELoader. Unconnected: the model's vae file."}),
         }}
 
     def encode(self, model: ModelConfig, dataset: DataConfig, clip=None, vae=None) -> tuple[EncodedDataset, str]:
         if isinstance(dataset, EncodedDataset):
             raise ConfigError("this dataset is already encoded: connect the Dataset node to Encode dataset directly")
+        kind = family(model.family)
         image = host.ComfyImageEncoder(vae) if vae is not None else None
-        channels = FAMILIES[model.family].LATENT_CHANNELS
-        if image is not None and image.channels != channels:
-            raise ConfigError(f"the vae input makes {image.channels}-channel latents; {model.family} needs "
-                              f"{channels}: load the {model.family} VAE (ae.safetensors) with VAELoader")
-        encoders = Encoders(text=host.ComfyTextEncoder(clip, model.t5_max_length) if clip is not None else None,
-                            image=image)
+        if image is not None and image.channels != kind.latent_channels:
+            raise ConfigError(f"the vae input makes {image.channels}-channel latents; {kind.title} needs "
+                              f"{kind.latent_channels}: load the {kind.title} VAE with VAELoader")
         data = dataclasses.replace(dataset, cache_dir=str(host.output_dir() / CACHE_SUBFOLDER))
         cfg = config_from_dict(RunConfig(model=model, data=data).to_dict())
+        text = host.ComfyTextEncoder(clip, kind, cfg.model.text_length) if clip is not None else None
+        encoders = Encoders(text=text, image=image)
         summary = encode_data(cfg, encoders)
         return EncodedDataset(dataset, model, encoders, summary.per_step_captions), describe(summary, encoders)
 
@@ -90,9 +91,11 @@ def describe(summary: EncodeSummary, encoders: Encoders) -> str:
 
 
 def encode_prompt(model: ModelConfig, text: str, guidance: float) -> list:
-    """ComfyUI CONDITIONING for Flux: ``[[t5 (1, T, D), {"pooled_output": (1, D_clip), "guidance": g}]]``."""
-    [embeddings] = FamilyTextEncoder(FAMILIES[model.family], model, default_device()).encode_texts([text])
-    return [[embeddings["t5"][None], {"pooled_output": embeddings["pooled"][None], "guidance": guidance}]]
+    """ComfyUI CONDITIONING of ``text`` by the family's own text encoders, as its CLIPTextEncode makes it."""
+    kind = family(model.family)
+    model = config_from_dict(RunConfig(model=model).to_dict()).model  # its "auto" values resolved
+    [embeddings] = FamilyTextEncoder(kind, model, default_device()).encode_texts([text])
+    return kind.comfy_conditioning(embeddings, guidance)
 
 
 class EncodePrompt:
@@ -108,7 +111,8 @@ class EncodePrompt:
             "model": ("LORALOOM_MODEL",),
             "text": ("STRING", {"multiline": True, "default": ""}),
             "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1,
-                                   "tooltip": "Flux's guidance input: 3.5 for Flux-dev."}),
+                                   "tooltip": "The model's guidance input, for families that have one (3.5 for a "
+                                   "guidance-distilled model); others ignore it."}),
         }}
 
     def encode(self, model: ModelConfig, text: str, guidance: float):

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from ..training.config import ConfigError
 from ..training.encoders import PROBE_TEXT, probe_id, probe_pixels
+from ..training.families.base import Family
 
 
 def output_dir() -> Path:
@@ -52,12 +52,11 @@ def first_folder(folder: str) -> Path:
     return Path(folder_paths.get_folder_paths(folder)[0])
 
 
-def bundled_tokenizer(which: str) -> Path:
-    """A tokenizer folder that ships with ComfyUI: ``clip`` (CLIP-L) or ``t5`` (T5-XXL)."""
+def bundled_tokenizer(folder: str) -> Path:
+    """A tokenizer folder that ships with ComfyUI, by its path inside the ``comfy`` package."""
     import comfy
 
-    root = Path(next(iter(comfy.__path__)))  # a namespace package in ComfyUI: no comfy.__file__
-    return root / ("sd1_tokenizer" if which == "clip" else "text_encoders/t5_tokenizer")
+    return Path(next(iter(comfy.__path__))) / folder  # a namespace package in ComfyUI: no comfy.__file__
 
 
 def send_progress(event: str, payload: dict[str, Any]) -> None:
@@ -104,32 +103,19 @@ def apply_lora(model: Any, lora_file: Path, strength: float) -> Any:
 
 
 class ComfyTextEncoder:
-    """ComfyUI's CLIP object (Flux: CLIP-L + T5-XXL, e.g. from DualCLIPLoader) as the engine's text encoder.
+    """ComfyUI's CLIP object (from the loader of the family's text encoders) as the engine's text encoder.
 
     Captions are read literally: no ``(word:1.2)`` weighting, which would change tags such as ``name (series)``.
-    ComfyUI pads Flux's T5 input to at least 256 tokens and never cuts it; a run needs one length, since batches
-    are stacked, so every caption is padded the same way (ComfyUI's own ``t5xxl_min_length`` option) to
-    ``length`` tokens and cut there, as the engine's encoders do. At 256, short captions are encoded exactly as
-    CLIPTextEncode encodes a prompt.
+    The family turns ComfyUI's output into its embeddings, of ``length`` tokens (see ``Family.comfy_text``).
     """
 
-    def __init__(self, clip: Any, length: int):
-        self.clip, self.length = clip, length
+    def __init__(self, clip: Any, family: Family, length: int):
+        self.clip, self.family, self.length = clip, family, length
         self.id = probe_id(f"comfy-clip-{length}", self.encode_texts([PROBE_TEXT])[0].values())
 
     def encode_texts(self, texts: list[str]) -> list[dict[str, torch.Tensor]]:
-        return [self._encode(text) for text in texts]
-
-    def _encode(self, text: str) -> dict[str, torch.Tensor]:
-        tokens = self.clip.tokenize(text, disable_weights=True, tokenizer_options={"t5xxl_min_length": self.length})
-        if "t5xxl" not in tokens:
-            raise ConfigError(f"the CLIP input has text encoders {sorted(tokens)}, not Flux's T5-XXL and CLIP-L: "
-                              "load them with DualCLIPLoader, type flux")
-        # One section (ComfyUI's T5 limit is 99999999 tokens); longer than ``length``: keep its end token.
-        tokens["t5xxl"] = [s[:self.length - 1] + s[-1:] if len(s) > self.length else s for s in tokens["t5xxl"]]
         with torch.no_grad():
-            cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
-        return {"t5": cond[0].float().cpu(), "pooled": pooled[0].float().cpu()}
+            return [self.family.comfy_text(self.clip, text, self.length) for text in texts]
 
     def release(self) -> None:
         pass  # ComfyUI's model management owns the weights

@@ -9,56 +9,50 @@ from pathlib import Path
 
 from ..loaders.captions import CaptionSettings, split_tags
 from ..loaders.sources import SourceSettings
+from ..training.adapters import ALGORITHMS
 from ..training.config import AdapterConfig, ConfigError, DataConfig, ModelConfig, OptimizerConfig, RunConfig
 from ..training.data import describe_dataset
+from ..training.families import FAMILIES
+from ..training.families.base import Family
 from . import host
 from .widgets import CATEGORY, field_doc, widget
 
 
-class ModelForTraining:
-    """The base model files, picked from ComfyUI's model folders by name."""
+def model_node(family: Family) -> type:
+    """The node that picks ``family``'s model files from ComfyUI's folders, its inputs from the family's contract:
+    one list per file (its ComfyUI folder, then the checkpoints), the family's model options, and its
+    tokenizer folders (empty: the ones that ship with ComfyUI)."""
+    files, options, tokenizers = family.files, family.node_options, family.tokenizers
 
-    DESCRIPTION = ("The base to train on, from ComfyUI's models folders; all-in-one files from checkpoints/ "
-                   "are offered in every list and give each part. For Flux train on a de-distilled base "
-                   "(Flux-dev2pro) at guidance 1.0 and apply the result to Flux-dev.")
-    CATEGORY = f"{CATEGORY}/setup"
-    RETURN_TYPES = ("LORALOOM_MODEL",)
-    RETURN_NAMES = ("model",)
-    FUNCTION = "build"
+    class ModelForTraining:
+        DESCRIPTION = (f"The {family.title} base to train on, from ComfyUI's models folders; all-in-one files from "
+                       f"checkpoints/ are offered in every list and give each part. {family.node_note}").strip()
+        CATEGORY = f"{CATEGORY}/setup"
+        RETURN_TYPES = ("LORALOOM_MODEL",)
+        RETURN_NAMES = ("model",)
+        FUNCTION = "build"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        encoders = host.model_choices("text_encoders")
-        return {"required": {
-            "family": (["flux"], {"tooltip": _doc("family")}),
-            "transformer": (host.model_choices("diffusion_models"), {"tooltip": _doc("transformer")}),
-            "clip_l": (encoders, {"tooltip": _doc("text_encoder")}),
-            "t5": (encoders, {"tooltip": _doc("text_encoder_2")}),
-            "vae": (host.model_choices("vae"), {"tooltip": _doc("vae")}),
-            "precision": widget(ModelConfig, "base_precision"),
-            "guidance_distilled": widget(ModelConfig, "guidance_distilled"),
-            "t5_max_length": widget(ModelConfig, "t5_max_length", min=16, max=512),
-        }, "optional": {
-            "clip_tokenizer": ("STRING", {"default": "", "tooltip": "CLIP tokenizer folder; empty: the one "
-                                          "that ships with ComfyUI (comfy/sd1_tokenizer)."}),
-            "t5_tokenizer": ("STRING", {"default": "", "tooltip": "T5 tokenizer folder; empty: the one that "
-                                        "ships with ComfyUI (comfy/text_encoders/t5_tokenizer)."}),
-        }}
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {
+                **{f.name: (host.model_choices(f.folder), {"tooltip": f.doc}) for f in files},
+                **{name: widget(ModelConfig, name, **NUMBER_LIMITS.get(name, {})) for name in options},
+            }, "optional": {
+                t.name: ("STRING", {"default": "", "tooltip": f"{t.doc}; empty: the one that ships with ComfyUI "
+                                    f"(comfy/{t.bundled})."}) for t in tokenizers}}
 
-    def build(self, family: str, transformer: str, clip_l: str, t5: str, vae: str, precision: str,
-              guidance_distilled: bool, t5_max_length: int, clip_tokenizer: str = "", t5_tokenizer: str = ""
-              ) -> tuple[ModelConfig]:
-        return (ModelConfig(
-            family=family, transformer=str(host.model_path("diffusion_models", transformer)),
-            text_encoder=str(host.model_path("text_encoders", clip_l)),
-            text_encoder_2=str(host.model_path("text_encoders", t5)), vae=str(host.model_path("vae", vae)),
-            tokenizer=clip_tokenizer or str(host.bundled_tokenizer("clip")),
-            tokenizer_2=t5_tokenizer or str(host.bundled_tokenizer("t5")),
-            base_precision=precision, guidance_distilled=guidance_distilled, t5_max_length=t5_max_length),)
+        def build(self, **inputs) -> tuple[ModelConfig]:
+            return (ModelConfig(
+                family=family.name,
+                **{f.slot: str(host.model_path(f.folder, inputs[f.name])) for f in files},
+                **{t.slot: inputs.get(t.name) or str(host.bundled_tokenizer(t.bundled)) for t in tokenizers},
+                **{name: inputs[name] for name in options}),)
+
+    ModelForTraining.__name__ = ModelForTraining.__qualname__ = f"ModelForTraining{family.title.replace(' ', '')}"
+    return ModelForTraining
 
 
-def _doc(name: str) -> str:
-    return field_doc(ModelConfig, name)
+NUMBER_LIMITS = {"text_length": {"min": 0, "max": 4096}}
 
 
 class _DatasetNode:
@@ -153,7 +147,7 @@ def _preview(data: DataConfig, samples: int) -> str:
 
 
 class AdapterSettings:
-    DESCRIPTION = "The LoRA being trained: rank, alpha and which layers get one."
+    DESCRIPTION = "What is trained: the adapter algorithm, its rank and alpha, and which layers get one."
     CATEGORY = f"{CATEGORY}/setup"
     RETURN_TYPES = ("LORALOOM_ADAPTER",)
     RETURN_NAMES = ("adapter",)
@@ -161,17 +155,23 @@ class AdapterSettings:
 
     @classmethod
     def INPUT_TYPES(cls):
+        presets = sorted({name for f in FAMILIES.values() for name in f.targets})
         return {"required": {
             "rank": widget(AdapterConfig, "rank", min=1, max=1024),
             "alpha": widget(AdapterConfig, "alpha", min=0.01, max=4096.0),
             "dropout": widget(AdapterConfig, "dropout", min=0.0, max=0.99),
-            "targets": widget(AdapterConfig, "targets"),
+            "targets": (presets, {"default": AdapterConfig().targets, "tooltip": field_doc(AdapterConfig, "targets")}),
             "init_seed": widget(AdapterConfig, "init_seed", min=0, max=2**31 - 1),
+        }, "optional": {
+            "algorithm": (list(ALGORITHMS), {"default": AdapterConfig().algorithm,
+                                             "tooltip": field_doc(AdapterConfig, "algorithm")}),
+            "factor": widget(AdapterConfig, "factor", min=-1, max=1024),
         }}
 
-    def build(self, rank: int, alpha: float, dropout: float, targets: str, init_seed: int
-              ) -> tuple[AdapterConfig]:
-        return (AdapterConfig(rank=rank, alpha=alpha, dropout=dropout, targets=targets, init_seed=init_seed),)
+    def build(self, rank: int, alpha: float, dropout: float, targets: str, init_seed: int,
+              algorithm: str = AdapterConfig.algorithm, factor: int = AdapterConfig.factor) -> tuple[AdapterConfig]:
+        return (AdapterConfig(algorithm=algorithm, rank=rank, alpha=alpha, dropout=dropout, targets=targets,
+                              factor=factor, init_seed=init_seed),)
 
 
 class OptimizerSettings:

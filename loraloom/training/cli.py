@@ -11,25 +11,18 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import distributed
-from .config import RunConfig, load_config, to_toml
-
-EXAMPLES = {
-    "flux": dict(
-        transformer="ComfyUI/models/diffusion_models/flux1-dev2pro-fp8.safetensors",
-        text_encoder="ComfyUI/models/text_encoders/clip_l.safetensors",
-        text_encoder_2="ComfyUI/models/text_encoders/t5xxl_fp16.safetensors",
-        tokenizer="ComfyUI/comfy/sd1_tokenizer", tokenizer_2="ComfyUI/comfy/text_encoders/t5_tokenizer",
-        vae="ComfyUI/models/vae/ae.safetensors"),
-}
+from .config import RunConfig, config_from_dict, load_config, to_toml
+from .families import DEFAULT_FAMILY, FAMILIES, family
 
 
-def example_config(family: str) -> RunConfig:
-    """A template for a real run: Flux-dev2pro at guidance 1.0, LoRA applied to Flux-dev afterwards."""
-    cfg = RunConfig()
-    return replace(cfg, model=replace(cfg.model, family=family, **EXAMPLES[family]),
-                   data=replace(cfg.data, images="dataset/my_character", trigger="my_trigger", resolution=512),
-                   sample=replace(cfg.sample, prompts=("my_trigger, a portrait photo",), seeds=(0, 1)),
-                   output=replace(cfg.output, run_dir="runs/my_character", name="my_character"))
+def example_config(name: str) -> RunConfig:
+    """A template for a real run of family ``name``: its files where ComfyUI keeps them, and its recipe."""
+    sections = {"data": {"images": "dataset/my_character", "trigger": "my_trigger"},
+                "sample": {"prompts": ["my_trigger, a portrait photo"], "seeds": [0, 1]},
+                "output": {"run_dir": "runs/my_character", "name": "my_character"}}
+    for section, values in family(name).example().items():
+        sections[section] = {**sections.get(section, {}), **values}
+    return config_from_dict({**sections, "model": {**sections.get("model", {}), "family": name}})
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -82,11 +75,12 @@ def _config(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from . import demo
 
-    effort = {"vae_steps": args.vae_steps, "base_steps": args.base_steps}
+    effort = {"vae_steps": args.vae_steps, "base_steps": args.base_steps, "family_name": args.family}
     if args.prepare:
         print(f"demo prepared: loraloom train {demo.prepare(args.prepare, steps=args.steps, **effort)}")
         return 0
-    result = demo.run(args.out, steps=args.steps, **effort)
+    out = args.out or Path("loraloom-demo" if args.family == DEFAULT_FAMILY else f"loraloom-demo-{args.family}")
+    result = demo.run(out, steps=args.steps, **effort)
     print(f"validation loss {result['val_loss_before']:.4f} -> {result['val_loss_after']:.4f}")
     print(f"prepared in {result['prepare_seconds']:.0f} s, trained in {result['train_seconds']:.0f} s")
     for key in ("comparison", "loss_chart", "adapter", "metrics"):
@@ -107,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "share of the batches (train.batch_size is per GPU); without CUDA, N CPU processes")
     train.set_defaults(func=_train)
     config = sub.add_parser("config", help="print an example config")
-    config.add_argument("--example", choices=sorted(EXAMPLES), default="flux")
+    config.add_argument("--example", choices=sorted(FAMILIES), default=DEFAULT_FAMILY)
     config.set_defaults(func=_config)
     dataset = sub.add_parser("dataset", help="look at the training data before training")
     dataset_sub = dataset.add_subparsers(dest="dataset_command", required=True)
@@ -120,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="override a config value (TOML syntax; repeatable)")
     inspect.set_defaults(func=_inspect)
     demo = sub.add_parser("demo", help="train a tiny model on generated data and show the result")
+    demo.add_argument("--family", choices=sorted(FAMILIES), default=DEFAULT_FAMILY, help="the tiny model's family")
     demo.add_argument("--prepare", type=Path, help="only write models, data and config into this folder")
-    demo.add_argument("--out", type=Path, default=Path("loraloom-demo"), help="demo folder (default ./loraloom-demo)")
+    demo.add_argument("--out", type=Path, help="demo folder (default ./loraloom-demo, ./loraloom-demo-<family>)")
     demo.add_argument("--steps", type=int, default=1200, help="LoRA training steps")
     demo.add_argument("--vae-steps", type=int, default=300, help="steps fitting the tiny VAE to the pictures")
     demo.add_argument("--base-steps", type=int, default=600, help="steps pre-training the tiny base model")

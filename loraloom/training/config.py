@@ -7,7 +7,7 @@ are generated from it, so the docs cannot drift from the code.
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import re
 import sys
 import types
 import typing
@@ -18,24 +18,14 @@ from typing import Any, Literal
 from ..loaders.buckets import BucketSettings
 from ..loaders.captions import CaptionSettings
 from ..loaders.sources import SourceSettings
+from .adapters import ALGORITHMS
+from .errors import ConfigError, optional_module  # noqa: F401 (part of this module's interface)
+from .families import DEFAULT_FAMILY, family
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
-
-class ConfigError(ValueError):
-    """A configuration problem, phrased so the user can fix it from the message alone."""
-
-
-def optional_module(name: str, setting: str, instead: str) -> Any:
-    """Import an optional dependency that ``setting`` needs, or say how to install it or what to use instead."""
-    try:
-        return importlib.import_module(name)
-    except ImportError as e:
-        raise ConfigError(f"{setting} needs {name}, which is not importable here ({e}). Install it "
-                          f"(pip install {name}) or use {instead}.") from None
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
@@ -45,36 +35,52 @@ def doc(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    family: Literal["flux"] = doc("Model family. Only 'flux' so far.", "flux")
-    transformer: str = doc(
-        "The diffusion transformer: a single .safetensors file (BFL/ComfyUI or diffusers keys, bf16/fp16/fp8), "
-        "an all-in-one checkpoint (its model.diffusion_model. part is read) or a diffusers folder (the model "
-        "root or its transformer/ subfolder).",
+    family: str = doc("Model family: one of `loraloom config --example`'s choices.", DEFAULT_FAMILY)
+    diffusion_model: str = doc(
+        "The diffusion model (transformer or UNet): a single .safetensors file in the layout ComfyUI reads "
+        "(bf16/fp16/fp8), an all-in-one checkpoint (its model.diffusion_model. part is read) or a diffusers folder "
+        "(the model root or its subfolder).",
         "",
     )
-    text_encoder: str = doc("CLIP-L text encoder: a .safetensors file, an all-in-one checkpoint or a folder.", "")
-    text_encoder_2: str = doc("T5-XXL text encoder: a .safetensors file, an all-in-one checkpoint or a folder.", "")
+    text_encoder: str = doc("The first text encoder: a .safetensors file, an all-in-one checkpoint or a folder.", "")
+    text_encoder_2: str = doc(
+        "The second text encoder, for families with two: a .safetensors file, an all-in-one checkpoint or a "
+        "folder.", "")
     tokenizer: str = doc(
-        "CLIP tokenizer folder. Empty: the text_encoder folder itself (or its sibling tokenizer/).", ""
+        "Tokenizer folder of the first text encoder. Empty: the text_encoder folder itself (or its sibling "
+        "tokenizer/), or the tokenizer the file carries.", ""
     )
     tokenizer_2: str = doc(
-        "T5 tokenizer folder. Empty: the text_encoder_2 folder itself (or its sibling tokenizer_2/).", ""
+        "Tokenizer folder of the second text encoder. Empty: the text_encoder_2 folder itself (or its sibling "
+        "tokenizer_2/).", ""
     )
-    vae: str = doc("The VAE: ae.safetensors (BFL layout or diffusers keys), an all-in-one checkpoint or a "
-                   "diffusers folder.", "")
+    vae: str = doc("The VAE: a single file (LDM or diffusers keys), an all-in-one checkpoint or a diffusers folder.",
+                   "")
     base_precision: Literal["auto", "fp32", "bf16", "fp16", "fp8", "nf4"] = doc(
         "Storage precision of the frozen base. 'auto' keeps fp8 files in fp8 and stores the rest in the "
         "compute dtype; 'fp8' stores every linear weight in float8_e4m3fn and computes in the compute dtype; "
-        "'nf4' stores the transformer blocks' linear weights in 4-bit NormalFloat (QLoRA, bitsandbytes): about "
-        "a quarter of bf16's memory, a little slower and less exact.",
+        "'nf4' stores the blocks' linear weights in 4-bit NormalFloat (QLoRA, bitsandbytes): about a quarter of "
+        "bf16's memory, a little slower and less exact.",
         "auto",
     )
+    vae_precision: Literal["fp32", "bf16", "fp16"] = doc(
+        "Precision of the VAE that encodes the images (once, into the cache) and decodes previews. fp16 only with "
+        "a VAE made safe for it (an fp16-fix VAE): others overflow to NaN.", "fp32")
     guidance_distilled: bool = doc(
-        "Mark the base as guidance-distilled (Flux-dev). Training such a base at guidance != 1.0 warns; "
-        "train on a de-distilled base such as Flux-dev2pro instead and apply the LoRA to Flux-dev.",
+        "Mark the base as guidance-distilled (its guidance input was distilled from classifier-free guidance). "
+        "Training such a base at train.guidance != 1.0 warns: train a de-distilled base at 1.0 and apply the "
+        "adapter to the distilled one.",
         False,
     )
-    t5_max_length: int = doc("T5 tokens per caption (Flux-dev uses 512, schnell 256).", 512)
+    text_length: int = doc("Text tokens per caption (0: the family's default).", 0)
+    system_prompt: str = doc(
+        "Text a language-model text encoder reads before every caption ('auto': the family's own; '' none). "
+        "Families whose text encoders are not language models ignore it.", "auto")
+    prediction: Literal["auto", "epsilon", "v_prediction"] = doc(
+        "What a noise-prediction (DDPM) model predicts: epsilon or v_prediction (v-pred checkpoints). 'auto': "
+        "the family's default. Flow-matching families predict velocity and accept only 'auto'.", "auto")
+    zero_terminal_snr: bool = doc(
+        "Rescale a DDPM schedule to zero terminal SNR (use with v_prediction). Flow-matching families: off.", False)
     allow_pickle: bool = doc(
         "Also read .ckpt/.pt/.pth/.bin model files. Off: only .safetensors load, since a pickle can run code. "
         "On: they are read with torch.load(weights_only=True), which refuses anything but tensors.",
@@ -109,16 +115,30 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class BlockSettings:
+    pattern: str = doc("A regex that must match a target's whole name, <component>.<module> (e.g. "
+                       "'diffusion_model\\.transformer_blocks\\.[0-4]\\..*').", "")
+    rank: int = doc("Rank of the matched targets (-1: adapter.rank; 0: leave them out).", -1)
+    alpha: float = doc("Alpha of the matched targets (0: adapter.alpha).", 0.0)
+    factor: int = doc("Kronecker factor of the matched targets (0: adapter.factor).", 0)
+
+
+@dataclass(frozen=True)
 class AdapterConfig:
-    kind: Literal["lora"] = doc("Adapter type.", "lora")
-    rank: int = doc("LoRA rank.", 16)
-    alpha: float = doc("LoRA alpha; the update is scaled by alpha / rank.", 16.0)
-    dropout: float = doc("LoRA dropout probability.", 0.0)
-    targets: Literal["attention", "attention_mlp", "all_linear"] = doc(
-        "Which layers get an adapter: attention projections, + MLPs, or every linear layer of the blocks "
-        "including the modulation layers.",
+    algorithm: str = doc(
+        "What is trained: one of the registered adapter algorithms (the README's Adapters section lists them).",
+        "lora")
+    rank: int = doc("Rank of the adapter's low-rank factors.", 16)
+    alpha: float = doc("Alpha; the update is scaled by alpha / rank.", 16.0)
+    dropout: float = doc("Dropout probability of the adapter's input.", 0.0)
+    targets: str = doc(
+        "Which layers get an adapter: one of the family's presets (attention, attention_mlp, all_linear, ...).",
         "attention_mlp",
     )
+    factor: int = doc("Kronecker factor of Kronecker-product adapters (-1: as square as possible).", -1)
+    blocks: tuple[BlockSettings, ...] = doc(
+        "Per-block settings ([[adapter.blocks]] tables): the first whose pattern matches a target sets its rank, "
+        "alpha and factor.", ())
     init_seed: int = doc("Seed of the adapter's initial weights.", 0)
 
 
@@ -135,6 +155,9 @@ class OptimizerConfig:
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
     ] = doc("Learning-rate schedule (diffusers.optimization.get_scheduler).", "constant_with_warmup")
     warmup_steps: int = doc("Warm-up steps of the schedule.", 0)
+    text_encoder_lr: float = doc(
+        "Learning rate of the text encoders' adapter, for families that can train them (Kohaku XL: 5e-6 with "
+        "2e-5 for the UNet). 0: the text encoders stay frozen and their embeddings are cached.", 0.0)
 
 
 @dataclass(frozen=True)
@@ -148,15 +171,23 @@ class TrainConfig:
     )
     gradient_checkpointing: bool = doc("Recompute activations in backward to save memory.", True)
     guidance: float = doc(
-        "The guidance input during training. 1.0 for de-distilled bases (Flux-dev2pro).", 1.0
+        "The guidance input during training, for families whose model has one: 1.0 for de-distilled bases "
+        "(de-distilled).", 1.0
     )
-    timesteps: Literal["uniform", "sigmoid", "shift", "auto_shift"] = doc(
-        "Timestep sampling: uniform; sigmoid (logit-normal); sigmoid then a fixed shift; sigmoid then the "
-        "resolution-dependent shift Flux uses at inference.",
-        "auto_shift",
+    timesteps: Literal["auto", "uniform", "sigmoid", "shift", "auto_shift"] = doc(
+        "Timestep sampling: 'auto' (the family's recipe); uniform; sigmoid (logit-normal); sigmoid then a fixed "
+        "shift; sigmoid then the resolution-dependent shift of the flow-matching families' samplers.",
+        "auto",
     )
     sigmoid_scale: float = doc("Scale s of t = sigmoid(s * N(0,1)).", 1.0)
-    shift: float = doc("Fixed shift for timesteps='shift'.", 3.0)
+    shift: float = doc("Fixed shift for timesteps='shift' (0: the family's default).", 0.0)
+    min_snr_gamma: float = doc(
+        "Min-SNR-gamma loss weighting of DDPM families (Kohaku XL: 5; 0: off).", 0.0)
+    noise_offset: float = doc(
+        "Noise offset of DDPM families: a per-channel constant of this scale added to the noise (Kohaku XL: "
+        "0.0357; 0: off). Lets the model learn very dark and very bright images.", 0.0)
+    debiased_estimation: bool = doc(
+        "Debiased estimation loss of DDPM families: each sample weighted by 1/sqrt(SNR).", False)
     seed: int = doc("Seed of data order, noise and timesteps.", 42)
     checkpoint_every: int = doc("Write a resumable checkpoint every N steps (0: only at the end).", 250)
     keep_checkpoints: int = doc("How many of the newest checkpoints to keep.", 2)
@@ -177,7 +208,9 @@ class SampleConfig:
     prompts: tuple[str, ...] = doc("Prompts for preview images.", ())
     seeds: tuple[int, ...] = doc("Seeds for preview images, one row each.", (0,))
     steps: int = doc("Sampling steps for previews.", 20)
-    guidance: float = doc("Guidance input for previews (3.5 for Flux-dev).", 3.5)
+    guidance: float = doc(
+        "Guidance for previews: the model's guidance input where it has one (3.5 for a guidance-distilled model), "
+        "else classifier-free guidance with the empty caption (1.0: none).", 3.5)
     resolution: int = doc("Preview resolution (0: the training resolution).", 0)
 
 
@@ -202,16 +235,16 @@ class RunConfig:
 
 
 # Fields that name files: resolved relative to the config file and checked to exist.
+MODEL_FILES = ("diffusion_model", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")
 PATH_FIELDS = {
-    "model": ("transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae"),
+    "model": MODEL_FILES,
     "data": ("images", "cache_dir"),
     "output": ("run_dir",),
 }
 SOURCE_PATH_FIELDS = ("path", "image_root")
-REQUIRED_PATHS = {
-    "model": ("transformer", "text_encoder", "text_encoder_2", "vae"),
-    "data": ("images",),
-}
+# Keys older versions wrote, and what they are called now: old configs and checkpoints still load.
+RENAMED = {("model", "transformer"): "diffusion_model", ("model", "t5_max_length"): "text_length",
+           ("adapter", "kind"): "algorithm"}
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -277,6 +310,11 @@ def _check_values(cfg: RunConfig) -> None:
         ("adapter.rank", cfg.adapter.rank >= 1, "must be at least 1"),
         ("adapter.alpha", cfg.adapter.alpha > 0, "must be positive"),
         ("adapter.dropout", 0 <= cfg.adapter.dropout < 1, "must be in [0, 1)"),
+        ("adapter.algorithm", cfg.adapter.algorithm in ALGORITHMS, f"must be one of {sorted(ALGORITHMS)}"),
+        *(check for i, block in enumerate(cfg.adapter.blocks) for check in (
+            (f"adapter.blocks[{i}].pattern", _is_regex(block.pattern), "must be a regular expression"),
+            (f"adapter.blocks[{i}].rank", block.rank >= -1, "must be >= -1"),
+            (f"adapter.blocks[{i}].alpha", block.alpha >= 0, "must be >= 0"))),
         ("optimizer.lr", cfg.optimizer.lr > 0, "must be positive"),
         ("optimizer.warmup_steps", cfg.optimizer.warmup_steps >= 0, "must be >= 0"),
         ("train.steps", cfg.train.steps >= 1, "must be at least 1"),
@@ -284,14 +322,12 @@ def _check_values(cfg: RunConfig) -> None:
         ("train.gradient_accumulation", cfg.train.gradient_accumulation >= 1, "must be at least 1"),
         ("train.max_grad_norm", cfg.train.max_grad_norm >= 0, "must be >= 0"),
         ("train.sigmoid_scale", cfg.train.sigmoid_scale > 0, "must be positive"),
-        ("train.shift", cfg.train.shift > 0, "must be positive"),
         ("train.checkpoint_every", cfg.train.checkpoint_every >= 0, "must be >= 0"),
         ("train.keep_checkpoints", cfg.train.keep_checkpoints >= 1, "must be at least 1"),
         ("train.keep_checkpoint_every", cfg.train.keep_checkpoint_every >= 0, "must be >= 0"),
         ("train.nonfinite_patience", cfg.train.nonfinite_patience >= 1, "must be at least 1"),
         ("train.log_every", cfg.train.log_every >= 1, "must be at least 1"),
-        ("data.resolution", cfg.data.resolution >= 16 and cfg.data.resolution % 16 == 0,
-         "must be a multiple of 16 (VAE factor 8 x patch 2)"),
+        ("data.resolution", cfg.data.resolution >= 16, "must be at least 16"),
         ("data.validation_images", cfg.data.validation_images >= 0, "must be >= 0"),
         ("data.caption_variants", cfg.data.caption_variants >= 0, "must be >= 0"),
         ("data.workers", cfg.data.workers >= 0, "must be >= 0"),
@@ -305,12 +341,25 @@ def _check_values(cfg: RunConfig) -> None:
             (f"{where}.caption_dropout", 0 <= c.caption_dropout < 1, "must be in [0, 1)"),
             (f"{where}.keep_first", c.keep_first >= 0, "must be >= 0"))),
         ("sample.steps", cfg.sample.steps >= 1, "must be at least 1"),
-        ("sample.resolution", cfg.sample.resolution % 16 == 0, "must be a multiple of 16"),
+        ("sample.resolution", cfg.sample.resolution >= 0, "must be >= 0 (0: data.resolution)"),
+        ("optimizer.text_encoder_lr", cfg.optimizer.text_encoder_lr >= 0, "must be >= 0"),
+        ("train.min_snr_gamma", cfg.train.min_snr_gamma >= 0, "must be >= 0"),
+        ("train.noise_offset", cfg.train.noise_offset >= 0, "must be >= 0"),
+        ("train.shift", cfg.train.shift >= 0, "must be >= 0"),
+        ("model.text_length", cfg.model.text_length >= 0, "must be >= 0"),
         ("output.name", plain_file_name(cfg.output.name), "must be a plain file name (no '/', '\\' or '..')"),
     ]
     for key, ok, why in checks:
         if not ok:
             raise ConfigError(f"{key} {why}")
+
+
+def _is_regex(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except re.error:
+        return False
+    return bool(pattern)
 
 
 def plain_file_name(name: str) -> bool:
@@ -343,19 +392,19 @@ def _resolve_paths(data: dict[str, Any], base: Path, fields: dict[str, tuple[str
 
 
 def check_files(cfg: RunConfig) -> None:
-    """Check that every required input exists; the message names the key and the path."""
+    """Check that every input the family reads exists; the message names the key and the path."""
     for i, source in enumerate(cfg.data.sources):
         if not Path(source.path).exists():
             raise ConfigError(f"data.sources[{i}].path: {source.path} does not exist")
-    for section, keys in REQUIRED_PATHS.items():
-        for key in keys:
-            value = getattr(getattr(cfg, section), key)
-            if (section, key) == ("data", "images") and not value and cfg.data.sources:
-                continue  # the sources are the dataset
-            if not value:
-                raise ConfigError(f"{section}.{key} is empty: set it to the path of the file or folder")
-            if not Path(value).exists():
-                raise ConfigError(f"{section}.{key}: {value} does not exist")
+    required = [("model", f.slot) for f in family(cfg.model.family).files]
+    if cfg.data.images or not cfg.data.sources:  # the sources alone may be the dataset
+        required.append(("data", "images"))
+    for section, key in required:
+        value = getattr(getattr(cfg, section), key)
+        if not value:
+            raise ConfigError(f"{section}.{key} is empty: set it to the path of the file or folder")
+        if not Path(value).exists():
+            raise ConfigError(f"{section}.{key}: {value} does not exist")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -385,6 +434,7 @@ def load_config(path: str | Path, overrides: list[str] = (), check_paths: bool =
         for k in keys[:-1]:
             table = table.setdefault(k, {})
         table[keys[-1]] = value
+    data = _renamed(data)
     data.setdefault("output", {}).setdefault("run_dir", f"runs/{path.stem}")
     _resolve_paths(data, path.parent.resolve())
     try:
@@ -400,9 +450,28 @@ def load_config(path: str | Path, overrides: list[str] = (), check_paths: bool =
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
-    cfg = _build(RunConfig, data, "")
+    """A validated config from plain data, every "auto" value resolved by the model family."""
+    cfg = _build(RunConfig, _renamed(data), "")
     _check_values(cfg)
-    return cfg
+    return family(cfg.model.family).resolve(cfg)
+
+
+def current_key(key: str) -> str:
+    """A dotted key (``model.transformer``) under its current name (``model.diffusion_model``)."""
+    section, _, name = key.partition(".")
+    return f"{section}.{RENAMED[section, name]}" if (section, name) in RENAMED else key
+
+
+def _renamed(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the keys of :data:`RENAMED` under their current names."""
+    data = {section: dict(table) if isinstance(table, dict) else table for section, table in data.items()}
+    for (section, old), new in RENAMED.items():
+        table = data.get(section)
+        if isinstance(table, dict) and old in table:
+            if new in table:
+                raise ConfigError(f"{section}.{old} is the old name of {section}.{new}: keep only {new}")
+            table[new] = table.pop(old)
+    return data
 
 
 def _toml_value(value: Any) -> str:

@@ -17,7 +17,7 @@ from ..loaders.sampler import BucketBatchSampler, SamplerPosition
 from ..loaders.sources import SourceSettings
 from . import distributed
 from .config import RunConfig
-from .families import FAMILIES
+from .families import family
 
 
 def training_data(cfg: RunConfig, cache_root: Path | None) -> TrainingData:
@@ -26,7 +26,7 @@ def training_data(cfg: RunConfig, cache_root: Path | None) -> TrainingData:
     sources = [SourceSettings(path=d.images, caption_extension=d.caption_extension, missing_caption="empty",
                               captions=d.captions)] if d.images else []
     return TrainingData.build([*sources, *d.sources], trigger=d.trigger, resolution=d.resolution,
-                              divisor=FAMILIES[cfg.model.family].BUCKET_DIVISOR, buckets=d.buckets,
+                              divisor=family(cfg.model.family).bucket_divisor, buckets=d.buckets,
                               seed=cfg.train.seed, caption_variants=d.caption_variants, strict=d.strict,
                               cache_root=cache_root)
 

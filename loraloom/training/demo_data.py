@@ -14,10 +14,11 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image, ImageDraw
 
+from ..loaders.dataset import Geometry
 from ..loaders.files import atomic_write_bytes
 from ..loaders.images import from_pil, save_png
-from .families import flux
-from .objectives import flow_match_inputs, sample_timesteps
+from .config import TrainConfig
+from .families.base import Family
 
 # Wording varies a little so the trigger word, not one fixed sentence, is what the captions share.
 _CAPTION_TEMPLATES = (
@@ -134,33 +135,34 @@ def fit_autoencoder(vae: AutoencoderKL, images: list[Image.Image], steps: int, s
     return losses
 
 
-def pretrain_base(transformer: torch.nn.Module, vae: AutoencoderKL, text: dict[str, torch.Tensor], steps: int,
-                  seed: int, size: int = 64, images: int = 512, batch_size: int = 8, lr: float = 1e-3
+def pretrain_base(family: Family, denoiser: torch.nn.Module, vae: AutoencoderKL, text: dict[str, torch.Tensor],
+                  steps: int, seed: int, size: int = 64, images: int = 512, batch_size: int = 8, lr: float = 1e-3
                   ) -> list[float]:
-    """Train every weight of a random Flux ``transformer`` (fp32, CPU) on random shapes; return the losses.
+    """Train every weight of a random ``denoiser`` of ``family`` (fp32, CPU) on random shapes; return the losses.
 
-    A random transformer is no base model: its output layers are frozen noise that a LoRA on the blocks
-    cannot undo (measured: after 600 demo steps the LoRA loss stayed above what predicting the mean image
-    gives). A short flow-matching pre-training on circles and boxes of every colour, all under one caption
-    ``text`` ({'t5': (1, T, D), 'pooled': (1, P)}), gives the demo a base that denoises but knows no red
-    circle on yellow, which is what a LoRA on a real base looks like.
+    A random denoiser is no base model: its output layers are frozen noise that a LoRA on the blocks cannot
+    undo (measured: after 600 demo steps the LoRA loss stayed above what predicting the mean image
+    gives). A short pre-training with the family's own objective on circles and boxes of every colour, all
+    under one caption's embeddings ``text`` (batched, batch 1), gives the demo a base that denoises but knows
+    no red circle on yellow, which is what a LoRA on a real base looks like.
     """
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         pixels = _random_shapes(images, size, g)
-        x0_all = flux.scale_latents(torch.cat([flux.encode_images(vae, chunk) for chunk in pixels.split(64)]))
+        latents = torch.cat([family.encode_images(vae, chunk) for chunk in pixels.split(64)])
     cond = {k: v.expand(batch_size, *v.shape[1:]) for k, v in text.items()}
-    transformer.requires_grad_(True).train()
-    opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.0)
+    geometry = [Geometry((size, size), (0, 0), (size, size))] * batch_size
+    train = family.resolve_train(TrainConfig(timesteps="sigmoid"))
+    denoiser.requires_grad_(True).train()
+    opt = torch.optim.AdamW(denoiser.parameters(), lr=lr, weight_decay=0.0)
     losses: list[float] = []
     for _ in range(steps):
-        x0 = x0_all[torch.randint(images, (batch_size,), generator=g)]
-        t = sample_timesteps("sigmoid", batch_size, g)
-        xt, target = flow_match_inputs(x0, torch.randn(x0.shape, generator=g), t)
-        loss = torch.nn.functional.mse_loss(flux.predict(transformer, xt, t, cond, 1.0), target)
+        noised = family.noised(latents[torch.randint(images, (batch_size,), generator=g)], train, g)
+        pred = family.predict(denoiser, noised.inputs, noised.t, cond, geometry, 1.0)
+        loss = (pred - noised.target).square().flatten(1).mean(1).mul(noised.weights).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    transformer.requires_grad_(False).eval()
+    denoiser.requires_grad_(False).eval()
     return losses

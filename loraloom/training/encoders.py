@@ -12,7 +12,6 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Protocol
 
 import numpy as np
@@ -24,6 +23,7 @@ from ..loaders.files import fingerprint
 from ..loaders.images import DatasetError, decode_batches
 from . import distributed
 from .config import DataConfig, ModelConfig
+from .families.base import Family
 
 ENCODE_BATCH = 8  # images per VAE call while building the latent cache
 IMAGES_PER_WORKER = 32  # fewer missing latents than this per worker decode in-process (no start-up cost)
@@ -36,8 +36,8 @@ class TextEncoder(Protocol):
     id: str  # names the cache folder: equal ids mean equal embeddings
 
     def encode_texts(self, texts: list[str]) -> list[dict[str, torch.Tensor]]:
-        """One entry per text: the family's embeddings without a batch dimension, float32 on the CPU (Flux:
-        ``t5`` (T, D_t5) and ``pooled`` (D_clip)). T is the same for every text of a run: batches are stacked."""
+        """One entry per text: the family's embeddings without a batch dimension, float32 on the CPU (the keys and
+        shapes are the family's; see :mod:`.families.base`). Shapes are the same for every text of a run."""
         ...
 
     def release(self) -> None:
@@ -64,13 +64,14 @@ class Encoders:
 class FamilyTextEncoder:
     """The family's text encoders from ``model``'s files, loaded on the first call."""
 
-    def __init__(self, family: ModuleType, model: ModelConfig, device: torch.device):
+    def __init__(self, family: Family, model: ModelConfig, device: torch.device):
         self.family, self.model, self.device = family, model, device
-        # bf16 on a GPU (T5-XXL in fp32 needs 19 GB); the dtype changes the embeddings, so it is in the id.
+        # bf16 on a GPU (a T5-XXL in fp32 needs 19 GB); the dtype changes the embeddings, so it is in the id.
         self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.fingerprints = {f"model.{name}": fingerprint(path) for name in TEXT_FILES
                              if (path := getattr(model, name))}
-        self.id = "-".join([*(f[:8] for f in self.fingerprints.values()), str(model.t5_max_length),
+        prompt = [hashlib.sha256(model.system_prompt.encode()).hexdigest()[:8]] if model.system_prompt else []
+        self.id = "-".join([*(f[:8] for f in self.fingerprints.values()), str(model.text_length), *prompt,
                             str(self.dtype).removeprefix("torch.")])
         self._encoders = None
 
@@ -80,12 +81,11 @@ class FamilyTextEncoder:
 
     def encode_texts(self, texts: list[str]) -> list[dict[str, torch.Tensor]]:
         if self._encoders is None:
-            encoders = self.family.load_text_encoders(self.model, self.dtype)
-            encoders.clip.to(self.device)
-            encoders.t5.to(self.device)
+            encoders = self.family.load_text_encoder(self.model, self.dtype)
+            self.family.text_encoder_to(encoders, self.device)
             self._encoders = encoders
         with torch.no_grad():
-            return [{k: v[0] for k, v in self.family.encode_prompts(self._encoders, [t]).items()} for t in texts]
+            return [{k: v[0] for k, v in self.family.encode_text(self._encoders, [t]).items()} for t in texts]
 
     def release(self) -> None:
         self._encoders = None
@@ -94,16 +94,17 @@ class FamilyTextEncoder:
 class FamilyImageEncoder:
     """The family's VAE from ``model.vae``, loaded on the first use (previews decode with it too)."""
 
-    def __init__(self, family: ModuleType, model: ModelConfig, device: torch.device):
+    def __init__(self, family: Family, model: ModelConfig, device: torch.device):
         self.family, self.model, self.device = family, model, device
         self.fingerprints = {"model.vae": fingerprint(model.vae)}
-        self.id = self.fingerprints["model.vae"]
+        # The precision changes the latents; fp32 (the default) keeps the ids caches were written under.
+        self.id = "-".join([self.fingerprints["model.vae"], *([model.vae_precision] * (model.vae_precision != "fp32"))])
         self._vae = None
 
     @property
     def vae(self):
         if self._vae is None:
-            self._vae = self.family.load_vae(self.model.vae, allow_pickle=self.model.allow_pickle).to(self.device)
+            self._vae = self.family.load_vae(self.model).to(self.device)
         return self._vae
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -160,7 +161,7 @@ class CachedEncoders:
     of a given one.
     """
 
-    def __init__(self, family: ModuleType, model: ModelConfig, root: Path, given: Encoders, device: torch.device):
+    def __init__(self, family: Family, model: ModelConfig, root: Path, given: Encoders, device: torch.device):
         self.text = given.text or FamilyTextEncoder(family, model, device)
         self.image = given.image or FamilyImageEncoder(family, model, device)
         self.fingerprints = {

@@ -7,7 +7,8 @@ from collections.abc import Callable
 import torch
 from diffusers.optimization import get_scheduler
 
-from .config import OptimizerConfig, optional_module
+from .config import OptimizerConfig
+from .errors import optional_module
 
 
 def _adamw(params: list, cfg: OptimizerConfig) -> torch.optim.Optimizer:

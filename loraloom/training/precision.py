@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from ..loaders.files import ModelFileError
-from .config import optional_module
+from .errors import optional_module
 
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # config names of dtypes
 
 
 def is_float8(tensor: torch.Tensor) -> bool:

@@ -34,22 +34,21 @@ from ..loaders.files import fingerprint, writable_folder
 from ..loaders.images import save_png, to_pil
 from ..loaders.sampler import SamplerPosition
 from . import adapters, checkpoint, distributed
-from .config import ConfigError, RunConfig, config_from_dict, plain_file_name, to_toml
+from .config import MODEL_FILES, ConfigError, RunConfig, config_from_dict, current_key, plain_file_name, to_toml
 from .data import split_and_sample, training_data
 from .encoders import CachedEncoders, Encoders, FamilyImageEncoder
-from .export import EXPORT_DTYPES, kohya_metadata, write_lora
-from .families import FAMILIES
+from .export import EXPORT_DTYPES, kohya_metadata, write_adapter
+from .families import family
+from .families.base import DENOISER, Geometry
 from .metrics import MetricsLog
-from .objectives import flow_match_inputs, sample_timesteps, validation_timesteps
+from .objectives import validation_timesteps
 from .optimizers import make_optimizer
-from .precision import quantize_nf4, store_float8
+from .precision import DTYPES, quantize_nf4, store_float8
 
 log = logging.getLogger(__name__)
 Event = dict[str, Any]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VALIDATION_TIMESTEPS = 4
 # Model files are compared by content (fingerprints.json), so a run folder moved with its models resumes.
-MODEL_FILES = ("transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")
 # Keys a resume may change: they do not alter what the next step computes. Any other changed key (base
 # model, adapter shape, batch size, lr, data settings, including keys added later) refuses the resume.
 CHANGEABLE_ON_RESUME = ("train.steps", "train.checkpoint_every", "train.keep_checkpoints",
@@ -84,16 +83,17 @@ class TrainState:
 
 @dataclasses.dataclass
 class Item:
-    """One encoded training example: raw latent (C, h, w) and text embeddings."""
+    """One encoded training example: raw latent (C, h, w), text embeddings and where its pixels came from."""
     latent: torch.Tensor
     text: dict[str, torch.Tensor]
+    geometry: Geometry
 
 
 class Session:
     def __init__(self, cfg: RunConfig, run_dir: Path, on_event: Callable[[Event], None] | None = None):
         self.cfg = cfg
         self.run_dir = run_dir
-        self.family = FAMILIES[cfg.model.family]
+        self.family = family(cfg.model.family)
         self.device = default_device()
         self.compute_dtype = DTYPES[cfg.train.mixed_precision]
         self.metrics = MetricsLog(run_dir)
@@ -115,9 +115,11 @@ class Session:
 
         ``encoders``: text and/or image encoders to use instead of the family's own (see :mod:`.encoders`).
         """
+        cfg = config_from_dict(cfg.to_dict())  # validated, its "auto" values resolved by the family
         run_dir = writable_folder(cfg.output.run_dir, "output.run_dir")
         self = cls(cfg, run_dir, on_event)
-        self._warn_about_guidance()
+        for message in self.family.warnings(cfg):
+            warnings.warn(message, stacklevel=2)
         self._load_data(encoders or Encoders())
         self._load_model()
         found = self._newest_checkpoint()
@@ -139,13 +141,6 @@ class Session:
                                "output.run_dir must be a folder every rank sees")
         return folder, files
 
-    def _warn_about_guidance(self) -> None:
-        if self.cfg.model.guidance_distilled and self.cfg.train.guidance != 1.0:
-            warnings.warn(
-                f"training a guidance-distilled base at train.guidance = {self.cfg.train.guidance}: the guidance "
-                "embedding drifts and LoRAs collapse. Train a de-distilled base (e.g. Flux-dev2pro) at 1.0 and "
-                "apply the LoRA to Flux-dev.", stacklevel=2)
-
     def _load_data(self, given: Encoders) -> None:
         cfg = self.cfg
         cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.run_dir.parent / "cache"
@@ -164,8 +159,10 @@ class Session:
         coding.cache_texts(list(dict.fromkeys(fixed + val_texts + list(cfg.sample.prompts))))
         if not per_step:
             coding.text.release()  # everything the run reads is cached: no text encoder stays in memory
-        val_latents = coding.latents(data, val_rows, [False] * len(val_rows))
-        self.val_items = [Item(lat, txt) for lat, txt in zip(val_latents, coding.embed(val_texts))]
+        unflipped = [False] * len(val_rows)
+        val_latents = coding.latents(data, val_rows, unflipped)
+        self.val_items = [Item(*item) for item in zip(val_latents, coding.embed(val_texts),
+                                                      data.geometry(val_rows, unflipped))]
         self.sample_texts = dict(zip(cfg.sample.prompts, coding.embed(list(cfg.sample.prompts))))
         # Previews decode with the family's VAE, also when another image encoder made the latents.
         self.preview_vae = (coding.image if isinstance(coding.image, FamilyImageEncoder)
@@ -176,23 +173,27 @@ class Session:
                     "held_out": held_out, "skipped": summary["skipped"], "buckets": summary["buckets"]})
 
     def _load_model(self) -> None:
-        cfg = self.cfg
+        cfg, family = self.cfg, self.family
         precision = cfg.model.base_precision
         storage = self.compute_dtype if precision in ("auto", "fp8", "nf4") else DTYPES[precision]
-        model = self.family.load_transformer(cfg.model.transformer, storage, fp8_storage=precision in ("auto", "fp8"),
-                                             allow_pickle=cfg.model.allow_pickle)
+        model = family.load_denoiser(cfg.model, storage, keep_float8=precision in ("auto", "fp8"))
         store_float8(model, convert=precision == "fp8")  # before the adapter wraps the layers
         if precision == "nf4":
-            quantize_nf4(model, self.family.LORA_TARGETS["all_linear"], self.compute_dtype, self.device)
-        self.adapted_modules = adapters.add_lora(
-            model, self.family.LORA_TARGETS[cfg.adapter.targets], cfg.adapter.rank, cfg.adapter.alpha,
-            cfg.adapter.dropout, cfg.adapter.init_seed)
+            quantize_nf4(model, family.quantized, self.compute_dtype, self.device)
+        self.adapter = adapters.attach({DENOISER: model}, {DENOISER: family.targets[cfg.adapter.targets]},
+                                       cfg.adapter, cfg.adapter.init_seed)
+        self.adapted_modules = sorted(self.adapter.targets)
         if cfg.train.gradient_checkpointing:
             model.enable_gradient_checkpointing()
-        self.transformer = model.to(self.device)
-        self.params = adapters.trainable_parameters(model)
-        self.optimizer, self.scheduler = make_optimizer(self.params, cfg.optimizer, cfg.train.steps)
-        self.base_fingerprint = self.model_fingerprints["model.transformer"] = fingerprint(cfg.model.transformer)
+        self.denoiser = model.to(self.device)
+        groups = self.adapter.parameters()
+        self.params = [p for params in groups.values() for p in params]
+        # The denoiser at optimizer.lr, text encoders (when trained) at optimizer.text_encoder_lr.
+        lrs = {name: cfg.optimizer.lr if name == DENOISER else cfg.optimizer.text_encoder_lr for name in groups}
+        self.optimizer, self.scheduler = make_optimizer(
+            [{"params": params, "lr": lrs[name]} for name, params in groups.items()], cfg.optimizer, cfg.train.steps)
+        self.base_fingerprint = self.model_fingerprints["model.diffusion_model"] = fingerprint(
+            cfg.model.diffusion_model)
 
     # ------------------------------------------------------------ training
 
@@ -244,7 +245,7 @@ class Session:
 
     def _train_step_inner(self) -> Event:
         start = time.perf_counter()
-        self.transformer.train()
+        self.denoiser.train()
         accumulation = self.cfg.train.gradient_accumulation
         total = torch.zeros((), device=self.device)
         for _ in range(accumulation):
@@ -283,26 +284,22 @@ class Session:
         self.state.sampler = after.to_dict()
         self.state.samples_seen += len(ids)
         data, rows = self.data, self.train_rows[ids]
-        latents = self.encoding.latents(data, rows, data.flips(rows, where.epoch))
+        flips = data.flips(rows, where.epoch)
+        latents = self.encoding.latents(data, rows, flips)
         texts = data.captions_at(rows, where.epoch, self.sampler.global_batch(where))
         # Per-step captions are encoded fresh and not stored: they would fill the cache with one-off texts.
         store = self.cfg.data.caption_variants > 0 or not data.any_varies(rows)
-        return [Item(lat, txt) for lat, txt in zip(latents, self.encoding.embed(texts, store))]
+        return [Item(*item) for item in zip(latents, self.encoding.embed(texts, store), data.geometry(rows, flips))]
 
     def _loss(self, batch: list[Item], t: torch.Tensor | None = None, noise: torch.Tensor | None = None
               ) -> torch.Tensor:
-        x0 = self.family.scale_latents(torch.stack([b.latent for b in batch]))
+        """The family's weighted loss on ``batch``; ``t`` and ``noise`` fix the draws (validation)."""
+        noised = self.family.noised(torch.stack([b.latent for b in batch]), self.cfg.train, self.generator, t, noise)
         text = {k: torch.stack([b.text[k] for b in batch]) for k in batch[0].text}
-        if noise is None:
-            noise = torch.randn(x0.shape, generator=self.generator)
-        if t is None:
-            tokens = x0.shape[-2] * x0.shape[-1] // 4
-            t = sample_timesteps(self.cfg.train.timesteps, len(batch), self.generator,
-                                 sigmoid_scale=self.cfg.train.sigmoid_scale, shift=self.cfg.train.shift,
-                                 image_tokens=tokens)
-        xt, target = flow_match_inputs(x0, noise, t)
-        pred = self.family.predict(self.transformer, xt.to(self.device), t, text, self.cfg.train.guidance)
-        return torch.nn.functional.mse_loss(pred.float(), target.to(self.device).float())
+        pred = self.family.predict(self.denoiser, noised.inputs.to(self.device), noised.t, text,
+                                   [b.geometry for b in batch], self.cfg.train.guidance)
+        error = (pred.float() - noised.target.to(self.device).float()).square().flatten(1).mean(1)
+        return (error * noised.weights.to(self.device)).mean()
 
     def _autocast(self):
         if self.compute_dtype == torch.float32:
@@ -312,12 +309,12 @@ class Session:
     @torch.no_grad()
     def validate(self) -> float:
         """Loss on the held-out images at fixed timesteps with fixed noise: comparable across steps and runs."""
-        self.transformer.eval()
+        self.denoiser.eval()
         gen = torch.Generator().manual_seed(self.cfg.train.seed + 1)
         losses = []
         for item in self.val_items:
             for t in validation_timesteps(VALIDATION_TIMESTEPS):
-                noise = torch.randn((1, *item.latent.shape), generator=gen)
+                noise = torch.randn((1, *item.latent.shape), generator=gen)  # the raw latent's shape
                 with self._autocast():
                     losses.append(self._loss([item], t.view(1), noise).item())
         value = sum(losses) / len(losses)
@@ -328,11 +325,14 @@ class Session:
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor], guidance: float,
-                adapter: bool = True) -> torch.Tensor:
-        """The model's velocity for scaled latents ``x`` (B, C, h, w) at ``t`` (B,), with or without the adapter."""
-        self.transformer.eval()
-        with self._autocast(), (nullcontext() if adapter else adapters.adapter_disabled(self.transformer)):
-            return self.family.predict(self.transformer, x, t, text, guidance)
+                adapter: bool = True, geometry: list[Geometry] | None = None) -> torch.Tensor:
+        """The family's prediction for model inputs ``x`` (B, C, h, w) at ``t`` (B,) and batched ``text``, with or
+        without the adapter. ``geometry`` defaults to whole, uncropped pictures of the training resolution."""
+        res = self.cfg.data.resolution
+        geometry = geometry or [Geometry((res, res), (0, 0), (res, res))] * len(x)
+        self.denoiser.eval()
+        with self._autocast(), (nullcontext() if adapter else self.adapter.disabled()):
+            return self.family.predict(self.denoiser, x, t, text, geometry, guidance)
 
     @torch.no_grad()
     def sample(self, prompt: str, seed: int, adapter: bool = True, steps: int | None = None,
@@ -342,11 +342,10 @@ class Session:
         res = s.resolution or self.cfg.data.resolution
         vae = self.preview_vae.vae
         f = self.family.vae_factor(vae)
-        self.transformer.eval()
-        with self._autocast(), (nullcontext() if adapter else adapters.adapter_disabled(self.transformer)):
+        self.denoiser.eval()
+        with self._autocast(), (nullcontext() if adapter else self.adapter.disabled()):
             text = {k: v[None] for k, v in self.sample_texts[prompt].items()}
-            raw = self.family.sample(self.transformer, text, (res // f, res // f),
-                                     vae.config.latent_channels, seed, steps or s.steps,
+            raw = self.family.sample(self.denoiser, text, (res, res), (res // f, res // f), seed, steps or s.steps,
                                      s.guidance if guidance is None else guidance)
         return to_pil(self.family.decode_latents(vae, raw)[0])
 
@@ -382,7 +381,7 @@ class Session:
             opt = io.BytesIO()
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}, opt)
             files = {
-                "adapter.safetensors": save_tensors(adapters.adapter_state(self.transformer)),
+                "adapter.safetensors": save_tensors(self.adapter.state()),
                 "optimizer.pt": opt.getvalue(),
                 **{_rank_file(name, rank): data for rank, theirs in enumerate(ranks) for name, data in theirs.items()},
                 "config.toml": to_toml(self.cfg, comments=False).encode(),
@@ -400,7 +399,10 @@ class Session:
         self._check_resume_config(json.loads(files["config.json"]), folder)
         # Checkpoints written before fingerprints and host RNGs were recorded resume without them.
         self._check_fingerprints(json.loads(files.get("fingerprints.json", b"{}")), folder)
-        adapters.load_adapter_state(self.transformer, load_tensors(files["adapter.safetensors"]))
+        state = load_tensors(files["adapter.safetensors"])
+        if not any(key.startswith(f"{DENOISER}.") for key in state):  # written before names had components
+            state = {f"{DENOISER}.{key}": value for key, value in state.items()}
+        self.adapter.load_state(state)
         opt = torch.load(io.BytesIO(files["optimizer.pt"]), weights_only=True)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
@@ -432,6 +434,7 @@ class Session:
     def _check_fingerprints(self, saved: dict[str, str], folder: Path) -> None:
         """Different content, at the same path or another: a swapped model file or edited images/captions."""
         current = {**self.model_fingerprints, "data.images": self.dataset_fingerprint}
+        saved = {current_key(key): value for key, value in saved.items()}
         for key in sorted(saved.keys() | current.keys() if saved else ()):  # a file added or dropped counts too
             value = saved.get(key, "none")
             if current.get(key, "none") != value:
@@ -449,11 +452,9 @@ class Session:
             raise ConfigError(f"output.name {self.cfg.output.name!r} must be a plain file name (no '/', '\\' or "
                               f"'..'): it would be written outside {self.run_dir}")
         path = Path(path) if path else self.run_dir / f"{self.cfg.output.name}.safetensors"
-        meta = kohya_metadata(self.cfg, self.state.step, self.base_fingerprint, self.family.ARCHITECTURE,
-                              self.family.NAME)
+        meta = kohya_metadata(self.cfg, self.state.step, self.base_fingerprint, self.family)
         if self.is_main:
-            write_lora(path, adapters.adapter_state(self.transformer), self.family.EXPORT_PREFIX,
-                       self.cfg.adapter.alpha, EXPORT_DTYPES[dtype], meta)
+            write_adapter(path, self.adapter.export(), self.family, EXPORT_DTYPES[dtype], meta)
         self._emit({"type": "export", "step": self.state.step, "path": str(path)})
         return path
 
@@ -484,9 +485,10 @@ def encode_data(cfg: RunConfig, encoders: Encoders | None = None) -> EncodeSumma
     Texts: every record's fixed caption (validation may pick any record) and caption variants, and the sample
     prompts. Captions that change every step cannot be encoded ahead; ``per_step_captions`` says so.
     """
+    cfg = config_from_dict(cfg.to_dict())
     root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.output.run_dir).parent / "cache"
     data = training_data(cfg, root)
-    coding = CachedEncoders(FAMILIES[cfg.model.family], cfg.model, root, encoders or Encoders(), default_device())
+    coding = CachedEncoders(family(cfg.model.family), cfg.model, root, encoders or Encoders(), default_device())
     coding.encode_latents(data, cfg.data)
     texts = [t for r in range(len(data)) for t in (*data.variant_captions(r), data.fixed_caption(r))]
     coding.cache_texts(list(dict.fromkeys(texts + list(cfg.sample.prompts))))

@@ -53,7 +53,7 @@ from loraloom.training.data import training_data  # noqa: E402
 from loraloom.training.demo_data import write_shapes_dataset  # noqa: E402
 from loraloom.training.families import flux  # noqa: E402
 from loraloom.training.families.flux_layout import transformer_to_bfl, vae_to_ldm  # noqa: E402
-from loraloom.training.tiny_models import REAL_WIDTH, TINY, build_flux, write_flux_files  # noqa: E402
+from loraloom.training.families.flux_kit import REAL_WIDTH, TINY, build, write  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from workflow_forms import ui_from_api  # noqa: E402
@@ -68,15 +68,16 @@ def write_models(base: Path) -> dict[str, str]:
     """Real-width Flux files in ComfyUI's model folders: 'dev2pro' to train on, 'dev' to apply to, a VAE in
     the layout ComfyUI's VAELoader expects. Returns the tokenizer folders the engine needs."""
     models, stage = base / "models", base / "stage"
-    files = write_flux_files(build_flux(REAL_WIDTH, seed=1, extra_words=("zwx",)), stage, diffusers=False)
-    for role, folder, name in (("transformer", "diffusion_models", "flux1-dev2pro-tiny.safetensors"),
+    files = write(build(REAL_WIDTH, seed=1, words=("zwx",)), stage, diffusers=False)
+    for role, folder, name in (("diffusion_model", "diffusion_models", "flux1-dev2pro-tiny.safetensors"),
+                               ("diffusion_model_fp8", "diffusion_models", "flux1-dev2pro-fp8-tiny.safetensors"),
                                ("text_encoder", "text_encoders", "clip_l-tiny.safetensors"),
                                ("text_encoder_2", "text_encoders", "t5xxl-tiny.safetensors")):
         (models / folder).mkdir(parents=True, exist_ok=True)
         (models / folder / name).symlink_to(files[role])
     (models / "checkpoints").mkdir(parents=True, exist_ok=True)  # every part in one file, as ComfyUI ships Flux
     (models / "checkpoints" / "flux1-dev2pro-aio-tiny.safetensors").symlink_to(files["checkpoint"])
-    dev = build_flux(REAL_WIDTH, seed=2).transformer.state_dict()
+    dev = build(REAL_WIDTH, seed=2).denoiser.state_dict()
     atomic_save_safetensors({k: v.to(torch.bfloat16) for k, v in transformer_to_bfl(dev).items()},
                             models / "diffusion_models" / "flux1-dev-tiny.safetensors")
     with torch.random.fork_rng(devices=[]):
@@ -111,7 +112,7 @@ def write_comfy_text_encoders(models: Path) -> None:
     atomic_save_safetensors(clip_sd, models / "text_encoders" / "clip_l-comfy-tiny.safetensors")
     t5_sd = {k: v for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}
     atomic_save_safetensors(t5_sd, models / "text_encoders" / "t5-comfy-tiny.safetensors")
-    narrow = build_flux(dataclasses.replace(TINY, double_blocks=1, single_blocks=1), seed=4).transformer
+    narrow = build(dataclasses.replace(TINY, double_blocks=1, single_blocks=1), seed=4).denoiser
     atomic_save_safetensors(transformer_to_bfl(narrow.state_dict()),
                             models / "diffusion_models" / "flux1-narrow-tiny.safetensors")
 
@@ -222,8 +223,8 @@ def point_at_tiny_models(prompt: dict, tokenizers: dict[str, str], **train) -> d
     """The example with its file widgets on the tiny files and its sizes small enough for a CPU."""
     prompt = copy.deepcopy(prompt)
     settings = {
-        "LoraLoomModel": {"transformer": "flux1-dev2pro-tiny.safetensors", "clip_l": "clip_l-tiny.safetensors",
-                          "t5": "t5xxl-tiny.safetensors", "vae": "ae-tiny.safetensors", "t5_max_length": 16,
+        "LoraLoomModelFlux": {"transformer": "flux1-dev2pro-tiny.safetensors", "clip_l": "clip_l-tiny.safetensors",
+                          "t5": "t5xxl-tiny.safetensors", "vae": "ae-tiny.safetensors", "text_length": 16,
                           **tokenizers},
         "LoraLoomDatasetFolder": {"folder": "shapes", "resolution": 64},
         "LoraLoomDatasetMetadata": {"resolution": 64, "validation_images": 1},
@@ -319,6 +320,25 @@ def test_flux_example_trains_exports_and_the_stock_loader_applies_it(comfy):
     assert difference > 0.25  # sampling is deterministic: any difference is the adapter's
 
 
+def test_an_fp8_base_trains_in_fp32_and_its_export_loads_on_a_bf16_dev(comfy):
+    """Every 2-D weight of the base in fp8 (the modulation and embedding layers too), every linear layer adapted,
+    fp32 compute (ComfyUI on a CPU); the export applied to a bf16 Flux-dev by ComfyUI's own loader."""
+    prompt = point_at_tiny_models(example("flux_train_then_compare_on_dev"), comfy.tokenizers,
+                                  run_name="fp8-all-linear", total_steps=2, steps_per_queue=2)
+    prompt[node_of(prompt, "LoraLoomModelFlux")]["inputs"]["transformer"] = "flux1-dev2pro-fp8-tiny.safetensors"
+    prompt[node_of(prompt, "LoraLoomAdapter")]["inputs"]["targets"] = "all_linear"
+    prompt[node_of(prompt, "LoraLoomExportAdapter")]["inputs"]["name"] = "loraloom/fp8-all-linear"
+    since, log_before = len(comfy.messages), len(comfy.log_text())
+    entry = comfy.wait(comfy.queue(prompt))
+    assert_succeeded(entry, comfy)
+    losses = [p["loss"] for e in comfy.progress(since, run="fp8-all-linear") for p in e["points"]]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    lora = load_file(comfy.base / "models" / "loras" / "loraloom" / "fp8-all-linear.safetensors")
+    assert any("norm1.linear" in k for k in lora) and any("norm.linear" in k for k in lora)  # modulation layers
+    log = comfy.log_text()[log_before:]
+    assert "lora key not loaded" not in log and "NOT LOADED" not in log, log[-3000:]
+
+
 def test_queued_example_continues_and_cancel_keeps_a_checkpoint(comfy):
     run = "queued-zwx"
     run_dir = comfy.base / "output" / "loraloom" / "runs" / run
@@ -396,11 +416,11 @@ def test_booru_example_reads_kohaku_captions_and_trains(comfy):
 
 def test_model_node_trains_from_an_all_in_one_checkpoint(comfy):
     bundle = "checkpoints/flux1-dev2pro-aio-tiny.safetensors"
-    choices = comfy.get("/object_info/LoraLoomModel")["LoraLoomModel"]["input"]["required"]
+    choices = comfy.get("/object_info/LoraLoomModelFlux")["LoraLoomModelFlux"]["input"]["required"]
     assert all(bundle in choices[name][0] for name in ("transformer", "clip_l", "t5", "vae"))
     prompt = point_at_tiny_models(example("queued_training_with_previews"), comfy.tokenizers,
                                   run_name="from-checkpoint", total_steps=1, steps_per_queue=1)
-    prompt[node_of(prompt, "LoraLoomModel")]["inputs"].update(transformer=bundle, clip_l=bundle, t5=bundle, vae=bundle)
+    prompt[node_of(prompt, "LoraLoomModelFlux")]["inputs"].update(transformer=bundle, clip_l=bundle, t5=bundle, vae=bundle)
     prompt[node_of(prompt, "LoraLoomExportAdapter")]["inputs"]["name"] = "loraloom/from-checkpoint"
     assert_succeeded(comfy.wait(comfy.queue(prompt)), comfy)
     run_dir = comfy.base / "output" / "loraloom" / "runs" / "from-checkpoint"
@@ -427,9 +447,9 @@ def test_encode_dataset_with_comfyuis_clip_and_vae_trains_and_hits_the_cache(com
     dataset node runs again with newly loaded encoders, finds it all cached, and the run resumes with them;
     the cached embeddings and latents equal the engine's own encoders' on the same files."""
     prompt = with_defaults({
-        "model": {"class_type": "LoraLoomModel", "inputs": {
+        "model": {"class_type": "LoraLoomModelFlux", "inputs": {
             "transformer": "flux1-narrow-tiny.safetensors", "clip_l": "clip_l-comfy-tiny.safetensors",
-            "t5": "t5-comfy-tiny.safetensors", "vae": "ae-tiny.safetensors", "t5_max_length": 16}},
+            "t5": "t5-comfy-tiny.safetensors", "vae": "ae-tiny.safetensors", "text_length": 16}},
         "data": {"class_type": "LoraLoomDatasetFolder", "inputs": {"folder": "shapes", "trigger": "zwx",
                                                                    "resolution": 64, "validation_images": 1}},
         "clip": {"class_type": "TinyFluxCLIPLoader", "inputs": {
@@ -473,7 +493,7 @@ def test_encode_dataset_with_comfyuis_clip_and_vae_trains_and_hits_the_cache(com
     model = ModelConfig(text_encoder=str(text_encoders / "clip_l-comfy-tiny.safetensors"),
                         text_encoder_2=str(text_encoders / "t5-comfy-tiny.safetensors"),
                         tokenizer=str(comfy_root / "sd1_tokenizer"),
-                        tokenizer_2=str(comfy_root / "text_encoders" / "t5_tokenizer"), t5_max_length=16)
+                        tokenizer_2=str(comfy_root / "text_encoders" / "t5_tokenizer"), text_length=16)
     encoders = flux.load_text_encoders(model, torch.float32)
     data = training_data(RunConfig(data=DataConfig(images=str(comfy.base / "input" / "shapes"), trigger="zwx",
                                                    resolution=64)), None)
@@ -482,11 +502,11 @@ def test_encode_dataset_with_comfyuis_clip_and_vae_trains_and_hits_the_cache(com
         engine = flux.encode_prompts(encoders, [caption])
         torch.testing.assert_close(cached["t5"], engine["t5"][0], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(cached["pooled"], engine["pooled"][0], rtol=1e-4, atol=1e-5)
-    vae = flux.load_vae(comfy.base / "models" / "vae" / "ae-tiny.safetensors")
+    vae = parts.load_vae(comfy.base / "models" / "vae" / "ae-tiny.safetensors")
     spec = data.latent_spec(0)
     [(_, pixels, _)] = decode_batches([spec], 1, 0, (255, 255, 255))
     cached = load_file(latent_folder / spec.key[:2] / f"{spec.key}.safetensors")["latent"]
-    torch.testing.assert_close(cached, flux.encode_images(vae, pixels)[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cached, parts.encode_images(vae, pixels)[0], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["no-such-run", "..", "%2E%2E", "..%2F..%2Fuser", ".hidden"])

@@ -1,7 +1,18 @@
-"""Model families by name: the only list. Each module offers the same functions (see flux.py)."""
+"""Model families by name: the only list. Each is one module implementing :class:`.base.Family`."""
 
-from types import ModuleType
+from __future__ import annotations
 
-from . import flux
+from ..errors import ConfigError
+from .base import Family
+from .flux import Flux
 
-FAMILIES: dict[str, ModuleType] = {flux.NAME: flux}
+FAMILIES: dict[str, Family] = {family.name: family for family in (Flux(),)}
+DEFAULT_FAMILY = "flux"  # model.family when a config leaves it out
+
+
+def family(name: str) -> Family:
+    """The family called ``name``; a ConfigError listing the known ones otherwise."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ConfigError(f"model.family = {name!r} is not one of {sorted(FAMILIES)}") from None

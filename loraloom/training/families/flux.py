@@ -1,4 +1,4 @@
-"""Flux.1: loading from the files users have, text and image encoding, prediction and sampling.
+"""Flux.1 (dev, dev2pro, schnell): the transformer, CLIP-L + T5-XXL, the 16-channel VAE, rectified flow.
 
 Shapes: latents are raw VAE latents (B, 16, H/8, W/8); the transformer sees them scaled and packed into
 2×2 patches, (B, H/16·W/16, 64). T5 embeddings (B, T, 4096), CLIP pooled (B, 768) at real width.
@@ -6,38 +6,32 @@ Shapes: latents are raw VAE latents (B, 16, H/8, W/8); the transformer sees them
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from ...loaders.files import ModelFileError, find_weights, read_safetensors, strip_prefix
-from ..config import ModelConfig
-from ..objectives import inference_sigmas
-from ..precision import assign_weights
+from ...loaders.files import ModelFileError, read_safetensors
+from ..errors import ConfigError
+from ..objectives import flow_match_inputs, inference_sigmas, sample_timesteps
+from ..precision import DTYPES, assign_weights
+from . import parts
+from .base import DENOISER, Family, Geometry, ModelFile, Noised, TinyModel, TokenizerFolder
 from .flux_layout import transformer_from_bfl
 
 if TYPE_CHECKING:
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
-# diffusers, transformers and accelerate are imported by the functions that load models: they take seconds to
-# import, and `loraloom dataset inspect` needs only this module's constants.
-log = logging.getLogger(__name__)
+    from ..config import ModelConfig, RunConfig, TrainConfig
 
-NAME = "flux"
-ARCHITECTURE = "flux-1-dev"  # modelspec.architecture of exported adapters
 # ComfyUI's latent_format.Flux: the transformer sees (latent - shift) * scale.
 LATENT_SHIFT = 0.1159
 LATENT_SCALE = 0.3611
-VAE_FACTOR = 8  # real Flux VAE; tiny kits may differ, read from the loaded VAE
-LATENT_CHANNELS = 16  # raw VAE latent channels: 4 x 16 = the transformer's packed input
-BUCKET_DIVISOR = 16  # image sides of buckets: VAE factor 8 x 2x2 latent patches
-CONFIG_DIR = Path(__file__).with_name("configs")
 
 # peft target patterns (regex, full match) over diffusers module names.
 _DOUBLE = r"transformer_blocks\.\d+\."
@@ -48,7 +42,7 @@ _MLP_DOUBLE = r"(ff|ff_context)\.net\.(0\.proj|2)"
 _MLP_SINGLE = r"(proj_mlp|proj_out)"
 _MOD_DOUBLE = r"(norm1|norm1_context)\.linear"
 _MOD_SINGLE = r"norm\.linear"
-LORA_TARGETS = {
+TARGETS = {
     "attention": rf"^({_DOUBLE}{_ATTN_DOUBLE}|{_SINGLE}{_ATTN_SINGLE})$",
     "attention_mlp": rf"^({_DOUBLE}({_ATTN_DOUBLE}|{_MLP_DOUBLE})|{_SINGLE}({_ATTN_SINGLE}|{_MLP_SINGLE}))$",
     "all_linear": rf"^({_DOUBLE}({_ATTN_DOUBLE}|{_MLP_DOUBLE}|{_MOD_DOUBLE})"
@@ -66,7 +60,7 @@ class TextEncoders:
     clip_tokenizer: object
     t5: T5EncoderModel
     t5_tokenizer: object
-    t5_max_length: int = 512
+    max_length: int = 512  # T5 tokens per caption
 
 
 # ---------------------------------------------------------------- transformer
@@ -78,8 +72,8 @@ def transformer_config_from_bfl(sd: dict[str, torch.Tensor]) -> dict:
     head_dim = sd["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
     return {
         "in_channels": in_channels,
-        "num_layers": _count_blocks(sd, "double_blocks."),
-        "num_single_layers": _count_blocks(sd, "single_blocks."),
+        "num_layers": parts.count_blocks(sd, "double_blocks."),
+        "num_single_layers": parts.count_blocks(sd, "single_blocks."),
         "attention_head_dim": head_dim,
         "num_attention_heads": hidden // head_dim,
         "joint_attention_dim": sd["txt_in.weight"].shape[1],
@@ -90,13 +84,8 @@ def transformer_config_from_bfl(sd: dict[str, torch.Tensor]) -> dict:
     }
 
 
-def _count_blocks(sd: dict, prefix: str) -> int:
-    ids = {int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)}
-    return max(ids) + 1 if ids else 0
-
-
-def load_transformer(path: str | Path, compute_dtype: torch.dtype, fp8_storage: bool, allow_pickle: bool = False
-                     ) -> FluxTransformer2DModel:
+def load_transformer(path: str | Path, compute_dtype: torch.dtype, fp8_storage: bool = False,
+                     allow_pickle: bool = False) -> FluxTransformer2DModel:
     """A Flux transformer from a BFL/ComfyUI single file, a diffusers-keyed file, or a diffusers folder.
 
     fp8 linear weights stay fp8 when ``fp8_storage`` (see :mod:`..precision`); everything else is stored in
@@ -107,7 +96,7 @@ def load_transformer(path: str | Path, compute_dtype: torch.dtype, fp8_storage: 
 
     path = Path(path)
     if path.is_dir():
-        config, sd = read_diffusers_folder(path, "transformer", "the Flux transformer", allow_pickle)
+        config, sd = parts.read_diffusers_folder(path, "transformer", "the Flux transformer", allow_pickle)
     else:
         sd = read_safetensors([path], what="the Flux transformer", allow_pickle=allow_pickle,
                               prefixes=("model.diffusion_model.", "diffusion_model."))
@@ -129,91 +118,11 @@ def load_transformer(path: str | Path, compute_dtype: torch.dtype, fp8_storage: 
     return model.requires_grad_(False).eval()
 
 
-def read_diffusers_folder(path: Path, subfolder: str, what: str, allow_pickle: bool = False
-                          ) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Constructor arguments and weights of a diffusers model folder (the pipeline root or the subfolder)."""
-    folder = path / subfolder if (path / subfolder / "config.json").is_file() else path
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ModelFileError(f"{folder}: no readable config.json ({e}); expected a diffusers folder with "
-                             f"{what} (or its {subfolder}/ subfolder)") from None
-    weights = read_safetensors(find_weights(folder, allow_pickle), what=what, allow_pickle=allow_pickle)
-    return {k: v for k, v in config.items() if not k.startswith("_")}, weights
-
-
 def _not_flux(path: Path, sd: dict) -> ModelFileError:
     sample = ", ".join(list(sd)[:3])
     return ModelFileError(
         f"{path} is not a Flux transformer: expected keys like '{BFL_MARKER}' (BFL/ComfyUI) or "
-        f"'{DIFFUSERS_MARKER}' (diffusers), found {sample}. Check model.transformer points at a Flux file.")
-
-
-# ---------------------------------------------------------------- VAE
-
-
-def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, allow_pickle: bool = False) -> AutoencoderKL:
-    """The Flux VAE from ``ae.safetensors`` (BFL/LDM keys), a diffusers-keyed file or a diffusers folder."""
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
-    path = Path(path)
-    if path.is_dir():
-        config, sd = read_diffusers_folder(path, "vae", "the Flux VAE", allow_pickle)
-    else:
-        sd = read_safetensors([path], what="the Flux VAE", allow_pickle=allow_pickle,
-                              prefixes=("vae.", "first_stage_model."))
-        if "encoder.conv_in.weight" not in sd or "decoder.conv_out.weight" not in sd:
-            raise ModelFileError(f"{path} is not a VAE: expected keys 'encoder.conv_in.weight' and "
-                                 f"'decoder.conv_out.weight'. Check model.vae points at ae.safetensors.")
-        config = vae_config_from_shapes(sd)
-        if "encoder.down.0.block.0.conv1.weight" in sd:  # LDM/BFL layout
-            sd = convert_ldm_vae_checkpoint(sd, config)
-    with init_empty_weights():
-        vae = AutoencoderKL(**config)
-    try:
-        vae.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, assign=True, strict=True)
-    except RuntimeError as e:
-        raise ModelFileError(f"{path}: VAE weights do not match the expected layout ({str(e)[:200]})") from None
-    return vae.requires_grad_(False).eval()
-
-
-def vae_config_from_shapes(sd: dict[str, torch.Tensor]) -> dict:
-    """AutoencoderKL arguments from an LDM- or diffusers-keyed VAE state dict (Flux: 16 latent channels)."""
-    if "encoder.down.0.block.0.conv1.weight" in sd:
-        n = _count_blocks(sd, "encoder.down.")
-        widths = [sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] for i in range(n)]
-        layers = _count_blocks(sd, "encoder.down.0.block.")
-    else:
-        n = _count_blocks(sd, "encoder.down_blocks.")
-        widths = [sd[f"encoder.down_blocks.{i}.resnets.0.conv2.weight"].shape[0] for i in range(n)]
-        layers = _count_blocks(sd, "encoder.down_blocks.0.resnets.")
-    latent = sd["decoder.conv_in.weight"].shape[1]
-    config = json.loads((CONFIG_DIR / "flux_vae.json").read_text())
-    config.update(
-        block_out_channels=widths, layers_per_block=layers, latent_channels=latent,
-        down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
-        in_channels=sd["encoder.conv_in.weight"].shape[1], out_channels=sd["decoder.conv_out.weight"].shape[0],
-        use_quant_conv="quant_conv.weight" in sd, use_post_quant_conv="post_quant_conv.weight" in sd,
-    )
-    return config
-
-
-@torch.no_grad()
-def encode_images(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
-    """Pixels (B, 3, H, W) in [-1, 1] → raw latents (B, C, H/f, W/f): the latent mean, unscaled."""
-    return vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode().float()
-
-
-@torch.no_grad()
-def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
-    """Raw latents (B, C, h, w) → pixels (B, 3, h·f, w·f) in [-1, 1]."""
-    return vae.decode(latents.to(vae.device, vae.dtype)).sample.float().clamp(-1, 1)
-
-
-def vae_factor(vae: AutoencoderKL) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+        f"'{DIFFUSERS_MARKER}' (diffusers), found {sample}. Check model.diffusion_model points at a Flux file.")
 
 
 # ---------------------------------------------------------------- text encoders
@@ -223,99 +132,31 @@ def load_text_encoders(cfg: ModelConfig, dtype: torch.dtype) -> TextEncoders:
     """CLIP-L and T5 with their tokenizers, from single files (HF keys) or folders."""
     from transformers import CLIPTextModel, T5EncoderModel
 
-    clip_tok = _load_tokenizer(cfg.tokenizer, cfg.text_encoder, "tokenizer", "model.tokenizer",
-                               "ComfyUI/comfy/sd1_tokenizer")
-    t5_tok = _load_tokenizer(cfg.tokenizer_2, cfg.text_encoder_2, "tokenizer_2", "model.tokenizer_2",
-                             "ComfyUI/comfy/text_encoders/t5_tokenizer")
-    clip = _load_hf_encoder(cfg.text_encoder, "text_encoder", CLIPTextModel, _clip_config, clip_tok, dtype,
-                            marker="embeddings.token_embedding.weight",
-                            checkpoint_prefix="text_encoders.clip_l.transformer.", allow_pickle=cfg.allow_pickle)
-    t5 = _load_hf_encoder(cfg.text_encoder_2, "text_encoder_2", T5EncoderModel, _t5_config, t5_tok, dtype,
-                          marker="shared.weight", checkpoint_prefix="text_encoders.t5xxl.transformer.",
-                          allow_pickle=cfg.allow_pickle)
-    return TextEncoders(clip, clip_tok, t5, t5_tok, cfg.t5_max_length)
-
-
-def _load_tokenizer(explicit: str, encoder_path: str, sibling: str, key: str, hint: str):
-    from transformers import AutoTokenizer
-
-    candidates = [Path(explicit)] if explicit else []
-    enc = Path(encoder_path)
-    if enc.is_dir():
-        candidates += [enc, enc / sibling, enc.parent / sibling]
-    for folder in candidates:
-        if folder.is_dir() and any((folder / f).exists() for f in
-                                   ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer_config.json")):
-            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    raise ModelFileError(f"no tokenizer found for {encoder_path}: set {key} to a tokenizer folder "
-                         f"(for example {hint}, or the {sibling}/ folder of a diffusers Flux model)")
-
-
-# Files on disk use the classic transformers keys (``text_model.`` for CLIP); some transformers versions
-# name the same module without that prefix, so both are accepted.
-CLIP_FILE_PREFIX = "text_model."
-
-
-def _load_hf_encoder(path: str, subfolder: str, cls, config_fn, tokenizer, dtype, marker: str,
-                     checkpoint_prefix: str, allow_pickle: bool):
-    from accelerate import init_empty_weights
-
-    p = Path(path)
-    if p.is_dir():
-        folder = p / subfolder if (p / subfolder / "config.json").exists() else p
-        # use_safetensors: transformers would otherwise fall back to a pickled pytorch_model.bin.
-        model = cls.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True,
-                                    use_safetensors=not allow_pickle)
-        return model.requires_grad_(False).eval()
-    sd = read_safetensors([p], what=f"the {cls.__name__}", allow_pickle=allow_pickle,
-                          prefixes=(checkpoint_prefix,))
-    sd = strip_prefix(sd, (CLIP_FILE_PREFIX,))
-    if marker not in sd:
-        raise ModelFileError(f"{p} is not a {cls.__name__} file: expected the key '{marker}', found "
-                             f"{', '.join(list(sd)[:3])}")
-    with init_empty_weights():
-        model = cls(config_fn(sd, tokenizer))
-    expected = model.state_dict()
-    prefix = CLIP_FILE_PREFIX if all(k.startswith(CLIP_FILE_PREFIX) for k in expected) else ""
-    sd = {prefix + k: v.to(dtype) for k, v in sd.items() if prefix + k in expected}
-    # T5's encoder.embed_tokens is tied to shared and often absent from files.
-    if "encoder.embed_tokens.weight" in expected and "encoder.embed_tokens.weight" not in sd:
-        sd["encoder.embed_tokens.weight"] = sd["shared.weight"]
-    try:
-        model.load_state_dict(sd, assign=True, strict=True)
-    except RuntimeError as e:
-        raise ModelFileError(f"{p}: weights do not match a {cls.__name__} ({str(e)[:200]})") from None
-    return model.requires_grad_(False).eval()
-
-
-def _clip_config(sd: dict, tokenizer) -> CLIPTextConfig:
-    from transformers import CLIPTextConfig
-
-    base = json.loads((CONFIG_DIR / "clip_l.json").read_text())
-    vocab, hidden = sd["embeddings.token_embedding.weight"].shape
-    base.update(
-        vocab_size=vocab, hidden_size=hidden,
-        intermediate_size=sd["encoder.layers.0.mlp.fc1.weight"].shape[0],
-        num_hidden_layers=_count_blocks(sd, "encoder.layers."),
-        num_attention_heads=max(1, hidden // 64),
-        max_position_embeddings=sd["embeddings.position_embedding.weight"].shape[0],
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return CLIPTextConfig(**base)
+    clip_tok = parts.load_tokenizer(cfg.tokenizer, cfg.text_encoder, "tokenizer", "model.tokenizer",
+                                    "ComfyUI/comfy/sd1_tokenizer")
+    t5_tok = parts.load_tokenizer(cfg.tokenizer_2, cfg.text_encoder_2, "tokenizer_2", "model.tokenizer_2",
+                                  "ComfyUI/comfy/text_encoders/t5_tokenizer")
+    clip = parts.load_hf_encoder(cfg.text_encoder, "text_encoder", CLIPTextModel, parts.clip_config, clip_tok, dtype,
+                                 marker="embeddings.token_embedding.weight",
+                                 checkpoint_prefixes=("text_encoders.clip_l.transformer.",),
+                                 allow_pickle=cfg.allow_pickle)
+    t5 = parts.load_hf_encoder(cfg.text_encoder_2, "text_encoder_2", T5EncoderModel, _t5_config, t5_tok, dtype,
+                               marker="shared.weight", checkpoint_prefixes=("text_encoders.t5xxl.transformer.",),
+                               allow_pickle=cfg.allow_pickle)
+    return TextEncoders(clip, clip_tok, t5, t5_tok, cfg.text_length)
 
 
 def _t5_config(sd: dict, tokenizer) -> T5Config:
     from transformers import T5Config
 
-    base = json.loads((CONFIG_DIR / "t5xxl.json").read_text())
+    base = json.loads((parts.CONFIG_DIR / "t5xxl.json").read_text())
     vocab, d_model = sd["shared.weight"].shape
     heads = sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape[1]
     base.update(
         vocab_size=vocab, d_model=d_model, num_heads=heads,
         d_kv=sd["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0] // heads,
         d_ff=sd["encoder.block.0.layer.1.DenseReluDense.wo.weight"].shape[1],
-        num_layers=_count_blocks(sd, "encoder.block."),
+        num_layers=parts.count_blocks(sd, "encoder.block."),
         relative_attention_num_buckets=sd[
             "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape[0],
     )
@@ -330,7 +171,7 @@ def encode_prompts(enc: TextEncoders, prompts: list[str]) -> dict[str, torch.Ten
     clip_ids = enc.clip_tokenizer(prompts, padding="max_length", max_length=enc.clip.config.max_position_embeddings,
                                   truncation=True, return_tensors="pt").input_ids
     pooled = enc.clip(clip_ids.to(device), output_hidden_states=False).pooler_output
-    t5_ids = enc.t5_tokenizer(prompts, padding="max_length", max_length=enc.t5_max_length,
+    t5_ids = enc.t5_tokenizer(prompts, padding="max_length", max_length=enc.max_length,
                               truncation=True, return_tensors="pt").input_ids
     t5 = enc.t5(t5_ids.to(device), output_hidden_states=False)[0]
     return {"t5": t5.float().cpu(), "pooled": pooled.float().cpu()}
@@ -369,9 +210,9 @@ def unscale_latents(x: torch.Tensor) -> torch.Tensor:
     return x / LATENT_SCALE + LATENT_SHIFT
 
 
-def predict(model: FluxTransformer2DModel, x: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor],
-            guidance: float) -> torch.Tensor:
-    """Velocity prediction. x: scaled latents (B, C, h, w); t: (B,) in [0, 1]; text from encode_prompts.
+def velocity(model: FluxTransformer2DModel, x: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor],
+             guidance: float) -> torch.Tensor:
+    """The transformer's velocity. x: scaled latents (B, C, h, w); t: (B,) in [0, 1]; text from encode_prompts.
 
     Returns (B, C, h, w) float32.
     """
@@ -392,15 +233,144 @@ def predict(model: FluxTransformer2DModel, x: torch.Tensor, t: torch.Tensor, tex
     return unpack(out.float(), h, w)
 
 
-@torch.no_grad()
-def sample(model: FluxTransformer2DModel, text: dict[str, torch.Tensor], latent_hw: tuple[int, int],
-           latent_channels: int, seed: int, steps: int, guidance: float) -> torch.Tensor:
-    """Euler sampling of the flow from noise (t=1) to image (t=0). Returns raw latents (1, C, h, w)."""
-    h, w = latent_hw
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, latent_channels, h, w, generator=gen)
-    sigmas = inference_sigmas(steps, (h // 2) * (w // 2))
-    for s, s_next in itertools.pairwise(sigmas):
-        v = predict(model, x, s.view(1), text, guidance)
-        x = x + (s_next - s) * v
-    return unscale_latents(x)
+def image_tokens(h: int, w: int) -> int:
+    """Packed tokens of an (h, w) latent: what Flux's resolution-dependent shift reads."""
+    return (h // 2) * (w // 2)
+
+
+class Flux(Family):
+    name = "flux"
+    title = "Flux"
+    architecture = "flux-1-dev"
+    files = (
+        ModelFile("diffusion_model", "transformer", "diffusion_models", "The Flux transformer (dev2pro, dev, ...)."),
+        ModelFile("text_encoder", "clip_l", "text_encoders", "CLIP-L (clip_l.safetensors)."),
+        ModelFile("text_encoder_2", "t5", "text_encoders", "T5-XXL (t5xxl_fp16.safetensors, fp8 files too)."),
+        ModelFile("vae", "vae", "vae", "The Flux VAE (ae.safetensors)."),
+    )
+    tokenizers = (
+        TokenizerFolder("tokenizer", "clip_tokenizer", "sd1_tokenizer", "CLIP tokenizer folder"),
+        TokenizerFolder("tokenizer_2", "t5_tokenizer", "text_encoders/t5_tokenizer", "T5 tokenizer folder"),
+    )
+    latent_channels = 16  # raw VAE latent channels: 4 x 16 = the transformer's packed input
+    latent_scale, latent_shift = LATENT_SCALE, LATENT_SHIFT
+    bucket_divisor = 16  # VAE factor 8 x 2x2 latent patches
+    caption_format = "tags"
+    text_length = 512  # T5 tokens per caption: Flux-dev's; schnell uses 256
+    targets = TARGETS
+    quantized = TARGETS["all_linear"]
+    node_options = ("base_precision", "guidance_distilled", "text_length")
+    # diffusers' names under transformer.: stock ComfyUI and diffusers' Flux loader read them with peft's suffixes.
+    export_suffixes: ClassVar[dict[str, str]] = {"lora_down.weight": "lora_A.weight",
+                                                 "lora_up.weight": "lora_B.weight"}
+    node_note = "Train on a de-distilled base (Flux-dev2pro) at guidance 1.0 and apply the result to Flux-dev."
+
+    def resolve_train(self, train: TrainConfig) -> TrainConfig:
+        return dataclasses.replace(train, timesteps="auto_shift" if train.timesteps == "auto" else train.timesteps,
+                                   shift=train.shift or 3.0)
+
+    def warnings(self, cfg: RunConfig) -> list[str]:
+        if cfg.model.guidance_distilled and cfg.train.guidance != 1.0:
+            return [f"training a guidance-distilled base at train.guidance = {cfg.train.guidance}: the guidance "
+                    "embedding drifts and LoRAs collapse. Train a de-distilled base (e.g. Flux-dev2pro) at 1.0 and "
+                    "apply the LoRA to Flux-dev."]
+        return []
+
+    def example(self) -> dict[str, dict[str, Any]]:
+        """Flux-dev2pro at guidance 1.0; the LoRA is applied to Flux-dev afterwards."""
+        return {"model": dict(
+            diffusion_model="ComfyUI/models/diffusion_models/flux1-dev2pro-fp8.safetensors",
+            text_encoder="ComfyUI/models/text_encoders/clip_l.safetensors",
+            text_encoder_2="ComfyUI/models/text_encoders/t5xxl_fp16.safetensors",
+            tokenizer="ComfyUI/comfy/sd1_tokenizer", tokenizer_2="ComfyUI/comfy/text_encoders/t5_tokenizer",
+            vae="ComfyUI/models/vae/ae.safetensors"),
+            "data": {"resolution": 512}, "train": {"guidance": 1.0}, "sample": {"guidance": 3.5}}
+
+    def load_denoiser(self, model: ModelConfig, dtype: torch.dtype, keep_float8: bool) -> torch.nn.Module:
+        return load_transformer(model.diffusion_model, dtype, keep_float8, model.allow_pickle)
+
+    def load_text_encoder(self, model: ModelConfig, dtype: torch.dtype) -> TextEncoders:
+        return load_text_encoders(model, dtype)
+
+    def text_encoder_to(self, text: TextEncoders, device: torch.device) -> None:
+        text.clip.to(device)
+        text.t5.to(device)
+
+    def encode_text(self, text: TextEncoders, captions: list[str]) -> dict[str, torch.Tensor]:
+        return encode_prompts(text, captions)
+
+    def load_vae(self, model: ModelConfig) -> torch.nn.Module:
+        return parts.load_vae(model.vae, "the Flux VAE (ae.safetensors)", DTYPES[model.vae_precision],
+                              model.allow_pickle)
+
+    def encode_images(self, vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        return parts.encode_images(vae, pixels)
+
+    def decode_latents(self, vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+        return parts.decode_latents(vae, latents)
+
+    def vae_factor(self, vae: torch.nn.Module) -> int:
+        return parts.vae_factor(vae)
+
+    def noised(self, latents: torch.Tensor, train: TrainConfig, generator: torch.Generator,
+               t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> Noised:
+        x0 = scale_latents(latents)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator)
+        if t is None:
+            t = sample_timesteps(train.timesteps, len(x0), generator, sigmoid_scale=train.sigmoid_scale,
+                                 shift=train.shift, image_tokens=image_tokens(*x0.shape[-2:]))
+        inputs, target = flow_match_inputs(x0, noise, t)
+        return Noised(inputs, noise, t, target, torch.ones(len(x0)))
+
+    def predict(self, model: torch.nn.Module, inputs: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor],
+                geometry: list[Geometry], guidance: float) -> torch.Tensor:
+        return velocity(model, inputs, t, text, guidance)
+
+    @torch.no_grad()
+    def sample(self, model: torch.nn.Module, text: dict[str, torch.Tensor], size: tuple[int, int],
+               latent_hw: tuple[int, int], seed: int, steps: int, guidance: float) -> torch.Tensor:
+        """Euler steps of the flow from noise (t=1) to image (t=0) on Flux's shifted schedule."""
+        h, w = latent_hw
+        x = torch.randn(1, self.latent_channels, h, w, generator=torch.Generator().manual_seed(seed))
+        sigmas = inference_sigmas(steps, image_tokens(h, w))
+        for s, s_next in itertools.pairwise(sigmas):
+            x = x + (s_next - s) * velocity(model, x, s.view(1), text, guidance)
+        return unscale_latents(x)
+
+    def export_key(self, component: str, module: str) -> str:
+        if component != DENOISER:
+            raise ValueError(f"Flux trains no {component}")
+        return EXPORT_PREFIX + module
+
+    def metadata(self, cfg: RunConfig) -> dict[str, str]:
+        return {"ss_network_module": "networks.lora_flux", "ss_base_model_version": "flux1",
+                "modelspec.implementation": "https://github.com/black-forest-labs/flux"}
+
+    def tiny(self, seed: int = 0, words: tuple[str, ...] = (), real_width: bool = False) -> TinyModel:
+        from .flux_kit import REAL_WIDTH, TINY, build
+
+        return build(REAL_WIDTH if real_width else TINY, seed, words)
+
+    def write_tiny(self, tiny: TinyModel, folder: Path, diffusers: bool = True) -> dict[str, Path]:
+        from .flux_kit import write
+
+        return write(tiny, folder, diffusers)
+
+    def comfy_text(self, clip: Any, caption: str, length: int) -> dict[str, torch.Tensor]:
+        """ComfyUI pads Flux's T5 input to at least 256 tokens and never cuts it; a run needs one length, since
+        batches are stacked, so every caption is padded the same way (ComfyUI's own ``t5xxl_min_length``
+        option) to ``length`` tokens and cut there, keeping the end token, as the engine's encoders do. At 256,
+        short captions are encoded exactly as CLIPTextEncode encodes a prompt."""
+        tokens = clip.tokenize(caption, disable_weights=True, tokenizer_options={"t5xxl_min_length": length})
+        if "t5xxl" not in tokens:
+            raise ConfigError(f"the CLIP input has text encoders {sorted(tokens)}, not Flux's T5-XXL and CLIP-L: "
+                              "load them with DualCLIPLoader, type flux")
+        # One section (ComfyUI's T5 limit is 99999999 tokens); longer than ``length``: keep its end token.
+        tokens["t5xxl"] = [s[:length - 1] + s[-1:] if len(s) > length else s for s in tokens["t5xxl"]]
+        cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+        return {"t5": cond[0].float().cpu(), "pooled": pooled[0].float().cpu()}
+
+    def comfy_conditioning(self, text: dict[str, torch.Tensor], guidance: float) -> list:
+        """``[[t5 (1, T, D), {"pooled_output": (1, D_clip), "guidance": g}]]``."""
+        return [[text["t5"][None], {"pooled_output": text["pooled"][None], "guidance": guidance}]]
