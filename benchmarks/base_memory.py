@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from loraloom.training.families import flux
-from loraloom.training.precision import quantize_nf4, store_float8
 from loraloom.training.families.flux_kit import REAL_WIDTH, build, write
+from loraloom.training.precision import quantize_nf4, store_float8
 
 FLUX_DOUBLE, FLUX_SINGLE = 19, 38
 

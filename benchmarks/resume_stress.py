@@ -150,8 +150,8 @@ def checkpoint_figures(width: str, folder: Path, repeats: int = 3) -> dict:
 
     from loraloom.training.config import RunConfig
     from loraloom.training.demo_data import write_shapes_dataset
-    from loraloom.training.session import Session
     from loraloom.training.families.flux_kit import REAL_WIDTH, TINY, build, write
+    from loraloom.training.session import Session
 
     files = write(build({"tiny": TINY, "real-width": REAL_WIDTH}[width]), folder / "models",
                              diffusers=False)

@@ -26,9 +26,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from loraloom.training.config import RunConfig, load_config, to_toml
 from loraloom.training.demo_data import write_shapes_dataset
 from loraloom.training.families import flux
+from loraloom.training.families.flux_kit import FluxSize, build, write
 from loraloom.training.objectives import flow_match_inputs, sample_timesteps
 from loraloom.training.session import Session
-from loraloom.training.families.flux_kit import FluxSize, build, write
 
 # Real head size and context/pooled widths, fewer heads and blocks so a CPU step takes about a second.
 BENCH = FluxSize(heads=4, head_dim=128, double_blocks=2, single_blocks=2, t5_width=4096, t5_heads=64,

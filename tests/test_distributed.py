@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loraloom.training import adapters, checkpoint, distributed
+from loraloom.training import checkpoint, distributed
 from loraloom.training.config import ConfigError
 from loraloom.training.metrics import read_metrics
 from loraloom.training.session import Session

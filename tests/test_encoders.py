@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from loraloom.loaders.images import DatasetError
-from loraloom.training import adapters
 from loraloom.training.encoders import CachedOnly, Encoders, probe_id, probe_pixels
 from loraloom.training.families import flux, parts
 from loraloom.training.session import Session, encode_data

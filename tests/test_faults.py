@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from loraloom.loaders.files import WriteError
-from loraloom.training import adapters, checkpoint
+from loraloom.training import checkpoint
 from loraloom.training.checkpoint import CheckpointWriteError
 from loraloom.training.metrics import read_metrics
 from loraloom.training.session import NonFiniteError, Session

@@ -25,7 +25,6 @@ from loraloom.training.config import ConfigError, TrainConfig
 from loraloom.training.families import family, flux, parts
 from loraloom.training.metrics import read_metrics
 
-
 FluxModel = model_node(family("flux"))
 
 

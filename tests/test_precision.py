@@ -66,8 +66,8 @@ def test_an_all_linear_fp8_file_trains_with_every_target(make_config, tiny_files
 
 
 def test_cli_trains_an_fp8_file_in_fp32(make_config, tiny_files, tmp_path, capsys):
-    make_config("fp8", model={"diffusion_model": str(tiny_files["diffusion_model_fp8"])}, adapter={"targets": "all_linear"},
-                train={"steps": 2, "mixed_precision": "fp32"})  # written to tmp_path / "fp8.toml"
+    make_config("fp8", model={"diffusion_model": str(tiny_files["diffusion_model_fp8"])},
+                adapter={"targets": "all_linear"}, train={"steps": 2, "mixed_precision": "fp32"})  # tmp_path/fp8.toml
     assert main(["train", str(tmp_path / "fp8.toml")]) == 0
     assert "adapter:" in capsys.readouterr().out
     losses = [r["loss"] for r in read_metrics(tmp_path / "fp8") if r["type"] == "step"]

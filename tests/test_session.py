@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loraloom.training import adapters
 from loraloom.training.config import ConfigError
 from loraloom.training.families import flux
 from loraloom.training.metrics import read_metrics

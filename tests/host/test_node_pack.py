@@ -51,9 +51,9 @@ from loraloom.loaders.images import decode_batches  # noqa: E402
 from loraloom.training.config import DataConfig, ModelConfig, RunConfig  # noqa: E402
 from loraloom.training.data import training_data  # noqa: E402
 from loraloom.training.demo_data import write_shapes_dataset  # noqa: E402
-from loraloom.training.families import flux  # noqa: E402
-from loraloom.training.families.flux_layout import transformer_to_bfl, vae_to_ldm  # noqa: E402
+from loraloom.training.families import flux, parts  # noqa: E402
 from loraloom.training.families.flux_kit import REAL_WIDTH, TINY, build, write  # noqa: E402
+from loraloom.training.families.flux_layout import transformer_to_bfl, vae_to_ldm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from workflow_forms import ui_from_api  # noqa: E402
@@ -420,7 +420,8 @@ def test_model_node_trains_from_an_all_in_one_checkpoint(comfy):
     assert all(bundle in choices[name][0] for name in ("transformer", "clip_l", "t5", "vae"))
     prompt = point_at_tiny_models(example("queued_training_with_previews"), comfy.tokenizers,
                                   run_name="from-checkpoint", total_steps=1, steps_per_queue=1)
-    prompt[node_of(prompt, "LoraLoomModelFlux")]["inputs"].update(transformer=bundle, clip_l=bundle, t5=bundle, vae=bundle)
+    model = node_of(prompt, "LoraLoomModelFlux")
+    prompt[model]["inputs"].update(transformer=bundle, clip_l=bundle, t5=bundle, vae=bundle)
     prompt[node_of(prompt, "LoraLoomExportAdapter")]["inputs"]["name"] = "loraloom/from-checkpoint"
     assert_succeeded(comfy.wait(comfy.queue(prompt)), comfy)
     run_dir = comfy.base / "output" / "loraloom" / "runs" / "from-checkpoint"
