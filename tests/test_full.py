@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from loraloom.training import adapters
-from loraloom.training.config import BlockSettings, ConfigError, ModelConfig
+from loraloom.training.config import AdapterConfig, BlockSettings, ConfigError, ModelConfig
 from loraloom.training.export import COMFY_MODEL_PREFIX, companion, model_state
 from loraloom.training.families import family
-from loraloom.training.families.base import Geometry
+from loraloom.training.families.base import DENOISER, Geometry
 from loraloom.training.session import Session
 
 _spec = importlib.util.spec_from_file_location(
@@ -212,3 +212,23 @@ def test_export_of_a_frozen_rest_keeps_it_in_the_model_file(make_config):
     attention = ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj")  # no MLP or modulation layer
     assert layers == {f"double_blocks.{i}.{n}" for i in (0, 1) for n in attention} | {
         f"single_blocks.{i}.linear1" for i in (0, 1)}
+
+
+def test_the_patch_groups_load_back_into_a_fresh_model(tiny_files):
+    """``load_export`` is the inverse of ``export`` (continuing from a patch), and names a file of another kind."""
+    def attach():
+        return adapters.attach({DENOISER: _load(tiny_files["diffusion_model"])}, {DENOISER: FLUX.targets["attention"]},
+                               AdapterConfig(algorithm="full", targets="attention"), seed=0)
+
+    trained = attach()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in trained.parameters()[DENOISER]:
+            p.add_(torch.randn(p.shape, generator=g) * 0.01)
+    fresh = attach()
+    fresh.load_export(trained.export())
+    a, b = trained.trained_weights(), fresh.trained_weights()
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    name = next(iter(trained.targets))
+    with pytest.raises(ValueError, match=rf"{name}: not a full fine-tune's patch"):
+        fresh.load_export({name: {"lora_down.weight": torch.zeros(1)}})

@@ -118,7 +118,7 @@ def patch_file_state(diffs: dict[str, torch.Tensor], shapes: dict[str, torch.Ten
     keys over the native layout (see :data:`COMFY_MODEL_PREFIX`); tensors without a difference are left out.
 
     ``shapes``: the denoiser's state dict (only the shapes are read): the native conversion needs every tensor,
-    and fused native tensors (Flux's qkv) get the differences of all their parts. This is why whole-model patches
+    and fused native tensors (a qkv projection) get the differences of all their parts. This is why whole-model patches
     use native names: ComfyUI applies a diffusers name that is a slice of a fused tensor to the weight, but drops
     its ``diff_b``.
     """

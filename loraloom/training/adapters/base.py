@@ -125,5 +125,5 @@ class Adapter(ABC):
         """``<target>.weight`` (and ``.bias`` where it changes) as the trained model computes them, float32: a
         whole-model algorithm's trained tensors, or the base weight with a delta algorithm's update folded in
         (what ``loraloom merge`` writes). Detached, not copies: read them before the next step."""
-        raise NotImplementedError(f"adapter.algorithm = {self.name!r} cannot fold its update into the base weights "
-                                  "yet: merge it in ComfyUI (LoraLoader, then save the model)")
+        raise ConfigError(f"adapter.algorithm = {self.name!r} cannot fold its update into the base weights yet: "
+                          "merge it in ComfyUI (LoraLoader, then save the model)")
