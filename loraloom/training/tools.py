@@ -87,11 +87,11 @@ def extract(base: Path, tuned: Path, out: Path, rank: int, family_name: str, tar
     error = total = 0.0
     for target in chosen:
         key = target.module_name
-        delta = (tuned_state[f"{key}.weight"] - base_state[f"{key}.weight"]).float()
+        delta = tuned_state[f"{key}.weight"].float() - base_state[f"{key}.weight"].float()
         if f"{key}.bias" in tuned_state:
-            bias = tuned_state[f"{key}.bias"] - base_state[f"{key}.bias"]
+            bias = tuned_state[f"{key}.bias"].float() - base_state[f"{key}.bias"].float()
             if biases and torch.count_nonzero(bias):
-                bias_diffs[f"{key}.bias"] = bias.float()
+                bias_diffs[f"{key}.bias"] = bias
         if not torch.count_nonzero(delta):
             continue
         up, down = low_rank(delta.flatten(1), rank)
@@ -102,7 +102,8 @@ def extract(base: Path, tuned: Path, out: Path, rank: int, family_name: str, tar
                                "lora_up.weight": up.reshape(*up.shape, *(1,) * kernel),
                                "alpha": torch.tensor(float(r))}
     carried = {f"{t.module_name}.weight" for t in chosen} | (set(bias_diffs) if biases else set())
-    untargeted = sorted(k for k in tuned_state if k not in carried and not torch.equal(tuned_state[k], base_state[k]))
+    untargeted = sorted(k for k in tuned_state if k not in carried
+                        and not torch.equal(tuned_state[k].float(), base_state[k].float()))
     out_dtype = EXPORT_DTYPES[dtype]
     tensors = adapter_file_state(groups, family, out_dtype)
     tensors.update(patch_file_state(bias_diffs, tuned_state, family, out_dtype))
@@ -124,9 +125,22 @@ def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _load(family: Family, model: ModelConfig, path: Path) -> torch.nn.Module:
-    """A model file at float32 (float8 files upcast), through the family's own loader."""
-    return family.load_denoiser(dataclasses.replace(model, diffusion_model=str(path)), torch.float32,
+    """A model file through the family's own loader, in a dtype that holds each of its tensors exactly (half of
+    float32's memory for a bf16 / fp16 / fp8 file); differences and merges are computed in float32 from there."""
+    return family.load_denoiser(dataclasses.replace(model, diffusion_model=str(path)), _exact_dtype(path),
                                 keep_float8=False)
+
+
+def _exact_dtype(path: Path) -> torch.dtype:
+    """bf16 for a file of bf16 / float8 tensors, fp16 for fp16 / float8 ones (float8 fits either exactly), float32
+    for anything else (float32 tensors, a mix of bf16 and fp16, a folder)."""
+    if not (path.is_file() and path.suffix == ".safetensors"):
+        return torch.float32
+    with safe_open(str(path), "pt") as f:
+        names = list(f.keys())
+        stored = {f.get_slice(k).get_dtype() for k in names} - {"F8_E4M3", "F8_E5M2"}
+    return {frozenset({"BF16"}): torch.bfloat16, frozenset({"F16"}): torch.float16}.get(frozenset(stored),
+                                                                                      torch.float32)
 
 
 def _saved_config(path: Path) -> RunConfig:
