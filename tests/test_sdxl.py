@@ -18,6 +18,7 @@ from loraloom.loaders.dataset import Geometry, TrainingData
 from loraloom.loaders.files import atomic_save_safetensors
 from loraloom.loaders.sources import SourceSettings
 from loraloom.training.config import MODEL_FILES, ConfigError, TrainConfig, config_from_dict, load_config, to_toml
+from loraloom.training.encoders import CachedOnly, Encoders
 from loraloom.training.families import family, sdxl, sdxl_layout
 from loraloom.training.families.base import DENOISER
 from loraloom.training.objectives import alphas_cumprod, scaled_linear_betas, snr
@@ -145,6 +146,9 @@ def test_a_clip_l_file_given_as_clip_g_is_named_in_the_error(kit, tmp_path):
                                         tmp_path / "run")).model
     with pytest.raises(ValueError, match="text_encoder_2 must be SDXL's CLIP-G"):
         SDXL.load_text_encoder(model, torch.float32)
+    model = config_from_dict(run_config({**files, "diffusion_model": files["vae"]}, tmp_path, tmp_path / "run")).model
+    with pytest.raises(ValueError, match=r"vae\.safetensors is not an SDXL-family UNet: expected keys like 'input_"):
+        SDXL.load_denoiser(model, torch.float32, keep_float8=False)
 
 
 def test_prediction_auto_reads_the_checkpoint_markers_as_comfyui_does(kit, tmp_path):
@@ -332,6 +336,13 @@ def test_text_encoders_train_at_their_own_rate_and_export_under_kohyas_names(te_
     assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k" in names
     assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_0_proj" in names
     assert all(f"{n}.alpha" in exported and f"{n}.lora_down.weight" in exported for n in names)
+
+
+def test_text_encoder_training_refuses_a_given_text_encoder(kit, shapes_folder, tmp_path):
+    _, files = kit
+    cfg = config_from_dict(run_config(files, shapes_folder, tmp_path / "run", optimizer={"text_encoder_lr": 1e-4}))
+    with pytest.raises(ConfigError, match="leave the clip input of Encode dataset unconnected"):
+        Session.open(cfg, encoders=Encoders(text=CachedOnly("comfy-clip-77-0")))
 
 
 def test_diffusers_sdxl_loader_reproduces_the_engines_unet_and_text_encoders(te_session, kit):

@@ -105,10 +105,10 @@ def load_unet(path: str | Path, dtype: torch.dtype, keep_float8: bool = False,
         sd = read_safetensors([path], what="the SDXL UNet", allow_pickle=allow_pickle, prefixes=(CKPT_UNET,))
         sd = {k: v for k, v in sd.items() if k not in (V_PRED_MARKER, ZTSNR_MARKER)}
         try:
-            sd = unet_file_to_diffusers(sd, path)
+            sd = unet_file_to_diffusers(sd)
             config = unet_config(sd)
-        except (ValueError, KeyError, StopIteration) as e:
-            raise ModelFileError(f"{path}: not an SDXL-family UNet ({e}); check model.diffusion_model") from None
+        except (ValueError, KeyError, StopIteration) as e:  # a key the layout needs is missing or unknown
+            raise ModelFileError(f"{path} is not an SDXL-family UNet: {e}. Check model.diffusion_model") from None
     with init_empty_weights():
         model = UNet2DConditionModel(**config)
     assign_weights(model, sd, dtype, keep_float8, path)

@@ -349,16 +349,15 @@ def clip_file_to_hf(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- whole files
 
 
-def unet_file_to_diffusers(sd: Mapping[str, torch.Tensor], path: Any) -> dict[str, torch.Tensor]:
+def unet_file_to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The UNet of a single file (prefix already dropped) under diffusers names: LDM keys are renamed,
-    diffusers keys kept. ValueError naming ``path`` for anything else."""
+    diffusers keys kept. ValueError saying what was expected for anything else."""
     if LDM_MARKER in sd:
         return unet_from_ldm(sd)
     if DIFFUSERS_MARKER in sd:
         return dict(sd)
-    raise ValueError(f"{path} is not an SDXL-family UNet: expected keys like '{LDM_MARKER}' (ComfyUI/LDM, alone or "
-                     f"under '{CKPT_UNET}' in a checkpoint) or '{DIFFUSERS_MARKER}' (diffusers), found "
-                     f"{', '.join(list(sd)[:3])}")
+    raise ValueError(f"expected keys like '{LDM_MARKER}' (ComfyUI/LDM, alone or under '{CKPT_UNET}' in a "
+                     f"checkpoint) or '{DIFFUSERS_MARKER}' (diffusers), found {', '.join(list(sd)[:3])}")
 
 
 def checkpoint_state_dict(unet: Mapping[str, torch.Tensor], clip_l: Mapping[str, torch.Tensor],
