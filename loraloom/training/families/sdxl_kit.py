@@ -77,23 +77,28 @@ def _jitter(module: torch.nn.Module, generator: torch.Generator) -> torch.nn.Mod
     return module
 
 
+def unet_config(size: SdxlSize) -> dict:
+    """``UNet2DConditionModel`` arguments of ``size``'s UNet."""
+    return dict(
+        sample_size=32, in_channels=4, out_channels=4, block_out_channels=size.unet_widths,
+        layers_per_block=size.layers_per_block,
+        down_block_types=tuple("CrossAttnDownBlock2D" if d else "DownBlock2D" for d in size.depths),
+        up_block_types=tuple("CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(size.depths)),
+        transformer_layers_per_block=tuple(max(d, 1) for d in size.depths),
+        attention_head_dim=tuple(max(1, w // HEAD_DIM) for w in size.unet_widths),
+        cross_attention_dim=size.clip_l.hidden + size.clip_g.hidden, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=SIZE_EMBED_DIM,
+        projection_class_embeddings_input_dim=size.clip_g.hidden + 6 * SIZE_EMBED_DIM)
+
+
 def build(size: SdxlSize = TINY, seed: int = 0, words: tuple[str, ...] = ()) -> TinyModel:
     """Every part, randomly initialised from ``seed`` (fp32); ``words`` join the tiny tokenizer's vocabulary."""
     tokenizer = make_tokenizer(words, WINDOW, add_bos=True)
     vocab = CLIP_VOCAB if size.real_vocabulary else len(tokenizer)
-    context, pooled = size.clip_l.hidden + size.clip_g.hidden, size.clip_g.hidden
     n = len(size.vae_widths)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=32, in_channels=4, out_channels=4, block_out_channels=size.unet_widths,
-            layers_per_block=size.layers_per_block,
-            down_block_types=tuple("CrossAttnDownBlock2D" if d else "DownBlock2D" for d in size.depths),
-            up_block_types=tuple("CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(size.depths)),
-            transformer_layers_per_block=tuple(max(d, 1) for d in size.depths),
-            attention_head_dim=tuple(max(1, w // HEAD_DIM) for w in size.unet_widths),
-            cross_attention_dim=context, use_linear_projection=True, addition_embed_type="text_time",
-            addition_time_embed_dim=SIZE_EMBED_DIM, projection_class_embeddings_input_dim=pooled + 6 * SIZE_EMBED_DIM)
+        unet = UNet2DConditionModel(**unet_config(size))
         clip_l = CLIPTextModel(_clip_config(size.clip_l, tokenizer, vocab, "quick_gelu"))
         clip_g = CLIPTextModelWithProjection(_clip_config(size.clip_g, tokenizer, vocab, "gelu"))
         vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=size.vae_widths,
