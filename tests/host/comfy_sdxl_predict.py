@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 
 
 class Capture(logging.Handler):
@@ -33,7 +34,7 @@ def main() -> None:
         spec = json.load(f)
     sys.argv = ["main.py", "--cpu"]
     sys.path.insert(0, spec["comfy"])
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).parent))
     from comfy_flux_predict import stub_torchvision_if_missing
 
     stub_torchvision_if_missing()

@@ -119,7 +119,7 @@ def prediction_of(path: str | Path) -> tuple[str, bool]:
     """What a base predicts, as ComfyUI decides it: ("v_prediction", zero terminal SNR) when a single file has
     the ``v_pred`` (and ``ztsnr``) marker keys, a diffusers folder's scheduler config says so likewise;
     ("epsilon", False) otherwise, also for a file that is missing or unreadable (loading reports those)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path) if path else None
     if path is None or not path.exists():
@@ -135,7 +135,7 @@ def prediction_of(path: str | Path) -> tuple[str, bool]:
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = set(f.keys())
-    except Exception:  # not a safetensors file: its loader names the problem
+    except (SafetensorError, OSError):  # not a safetensors file: loading it names the problem
         return "epsilon", False
     v_pred = V_PRED_MARKER in keys
     return ("v_prediction" if v_pred else "epsilon"), v_pred and ZTSNR_MARKER in keys
