@@ -1,15 +1,17 @@
 """Run inside a ComfyUI environment: load an SDXL checkpoint and a UNet + text-encoder LoRA with ComfyUI's own code,
 encode prompts, predict, sample; report.
 
-Usage: python comfy_sdxl_predict.py SPEC.json, SPEC keys: comfy (ComfyUI root), checkpoint, clip_layers (CLIP-L and
-CLIP-G depth of the file, passed as te_model_options), lora, inputs (safetensors: x, t, pooled for the UNet),
-prompts, size (ComfyUI's width/height/crop_w/crop_h/target_width/target_height), windows (caption windows the
-engine keeps), out (folder). Prints one JSON line; writes OUT/tensors.safetensors.
+Usage: python comfy_sdxl_predict.py SPEC.json. SPEC keys: comfy (ComfyUI root), checkpoint, unet_file (the UNet
+alone), clip_layers (CLIP-L and CLIP-G depth of the file, passed as te_model_options), lora, inputs (safetensors: x,
+t, context, pooled for the UNet), engine_text (the engine's embeddings of the first prompt), prompts, size
+(ComfyUI's width/height/crop_w/crop_h/target_width/target_height), windows (caption windows the engine keeps), out
+(folder). Prints one JSON line; writes OUT/tensors.safetensors.
 
 With the LoRA loaded as a sampler loads it (``load_models_gpu`` on the patched clones: a bare ``patch_model()`` on a
 clone skips modules an earlier load marked patched), it returns the UNet's raw output, each prompt's
 CONDITIONING from CLIPTextEncode's path, the same prompts through LoRA Loom's ``comfy_text`` on ComfyUI's CLIP
-object, and two sampler runs: one on CLIPTextEncode's conditioning, one on LoRA Loom's ``comfy_conditioning``.
+object, two sampler runs (one on CLIPTextEncode's conditioning, one on LoRA Loom's ``comfy_conditioning``), and
+the UNet file loaded as UNETLoader loads it, with the LoRA's UNet part.
 """
 
 from __future__ import annotations
@@ -86,8 +88,16 @@ def main() -> None:
         theirs = [[out["cond_0"], {"pooled_output": out["pooled_0"]}]]
         for name, positive in (("sample_comfy", theirs), ("sample_ours", sdxl.comfy_conditioning(text, 1.0))):
             out[name] = comfy.sample.sample(model_l, noise, 3, 1.0, "euler", "normal", positive, positive, latent)
+        # The UNet alone, as UNETLoader reads a models/diffusion_models file, with the LoRA's UNet part.
+        unet = comfy.sd.load_diffusion_model(spec["unet_file"], model_options={"dtype": torch.float32})
+        capture.messages.clear()
+        unet_l, _ = comfy.sd.load_lora_for_models(unet, None, lora, 1.0, 0.0)
+        unet_not_loaded = [m for m in capture.messages if "lora key not loaded" in m and "lora_unet_" in m]
+        mm.load_models_gpu([unet_l], force_full_load=True)
+        out["unet_file"] = unet_l.model.diffusion_model(x["x"], timesteps=x["t"], context=x["context"], y=adm)
     save_file({k: v.float().contiguous() for k, v in out.items()}, f"{spec['out']}/tensors.safetensors")
-    print(json.dumps({"not_loaded": not_loaded, "lora_keys": len(lora), **detected}))
+    print(json.dumps({"not_loaded": not_loaded, "unet_file_not_loaded": unet_not_loaded, "lora_keys": len(lora),
+                      "unet_file_config": type(unet.model.model_config).__name__, **detected}))
 
 
 if __name__ == "__main__":

@@ -75,7 +75,8 @@ def test_comfyui_loads_every_key_of_a_unet_and_text_encoder_lora_and_matches_the
     save_file({"x": x, "t": torch.tensor([599.0]), "context": condition["context"][:, :77].contiguous(),
                "pooled": condition["pooled"]}, inputs)
     save_file({k: v[:1].contiguous() for k, v in engine_text.items()}, engine_file)
-    spec = {"comfy": COMFYUI_PATH, "checkpoint": str(checkpoint), "clip_layers": 3, "lora": str(lora),
+    spec = {"comfy": COMFYUI_PATH, "checkpoint": str(checkpoint), "unet_file": str(files["diffusion_model"]),
+            "clip_layers": 3, "lora": str(lora),
             "inputs": str(inputs), "engine_text": str(engine_file), "prompts": PROMPTS, "windows": 2,
             "out": str(tmp_path),
             "size": {"width": 832, "height": 1216, "crop_w": 32, "crop_h": 64, "target_width": 768,
@@ -88,13 +89,14 @@ def test_comfyui_loads_every_key_of_a_unet_and_text_encoder_lora_and_matches_the
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert (report["config"], report["base"], report["type"]) == ("Segmind_Vega", "SDXL", "EPS")
-    assert report["not_loaded"] == []
+    assert report["not_loaded"] == [] and report["unet_file_not_loaded"] == []
+    assert report["unet_file_config"] == "Segmind_Vega"
     theirs = load_file(tmp_path / "tensors.safetensors")
     print(f"{report['lora_keys']} LoRA tensors; relative error: unet {relative(theirs['unet'], ours):.2e}, context "
           f"{relative(theirs['cond_0'][0], engine_text['context'][0, :77]):.2e}, pooled "
           f"{relative(theirs['pooled_0'][0], engine_text['pooled'][0]):.2e}, samples "
           f"{relative(theirs['sample_ours'], theirs['sample_comfy']):.2e}")
-    assert relative(theirs["unet"], ours) < 1e-3
+    assert relative(theirs["unet"], ours) < 1e-3 and relative(theirs["unet_file"], ours) < 1e-3
     for i in range(len(PROMPTS)):
         n = int(engine_text["windows"][i])
         assert theirs[f"cond_{i}"].shape == (1, 77 * n, 2048)
