@@ -205,7 +205,7 @@ class Session:
         self.denoiser = model.to(self.device)
         if self.text_model is not None:
             family.text_encoder_to(self.text_model, self.device)
-        self.trained_modules = list(components.values())  # train() / eval() together: adapter dropout follows
+        self.trained_modules = list(components.values())
         groups = self.adapter.parameters()
         self.params = [p for params in groups.values() for p in params]
         # The denoiser at optimizer.lr, text encoders (when trained) at optimizer.text_encoder_lr.
@@ -265,8 +265,7 @@ class Session:
 
     def _train_step_inner(self) -> Event:
         start = time.perf_counter()
-        for module in self.trained_modules:
-            module.train()
+        self._train_mode(True)
         accumulation = self.cfg.train.gradient_accumulation
         total = torch.zeros((), device=self.device)
         for _ in range(accumulation):
@@ -298,6 +297,11 @@ class Session:
         if self.state.step % self.cfg.train.log_every == 0 or self.done or not finite:
             self._emit(record)
         return record
+
+    def _train_mode(self, on: bool) -> None:
+        """train() or eval() on the denoiser and the text encoders being trained (their adapter dropout follows)."""
+        for module in self.trained_modules:
+            module.train(on)
 
     def _next_batch(self) -> list[Item]:
         """The next batch of the bucket sampler (one bucket, this rank's share); O(1) to resume anywhere."""
@@ -342,8 +346,7 @@ class Session:
     @torch.no_grad()
     def validate(self) -> float:
         """Loss on the held-out images at fixed timesteps with fixed noise: comparable across steps and runs."""
-        for module in self.trained_modules:
-            module.eval()
+        self._train_mode(False)
         gen = torch.Generator().manual_seed(self.cfg.train.seed + 1)
         losses = []
         for item in self.val_items:
@@ -364,8 +367,7 @@ class Session:
         without the adapter. ``geometry`` defaults to whole, uncropped pictures of the training resolution."""
         res = self.cfg.data.resolution
         geometry = geometry or [Geometry((res, res), (0, 0), (res, res))] * len(x)
-        for module in self.trained_modules:
-            module.eval()
+        self._train_mode(False)
         with self._autocast(), (nullcontext() if adapter else self.adapter.disabled()):
             return self.family.predict(self.denoiser, x, t, text, geometry, guidance)
 
@@ -377,8 +379,7 @@ class Session:
         res = s.resolution or self.cfg.data.resolution
         vae = self.preview_vae.vae
         f = self.family.vae_factor(vae)
-        for module in self.trained_modules:
-            module.eval()
+        self._train_mode(False)
         with self._autocast(), (nullcontext() if adapter else self.adapter.disabled()):
             negative = self.family.negative_caption
             extra = {} if negative is None else {"negative": self.prompt_text(negative)}
