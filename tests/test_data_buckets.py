@@ -16,6 +16,7 @@ from loraloom.loaders.buckets import (
     resized_size,
 )
 from loraloom.loaders.sampler import BucketBatchSampler, SamplerPosition
+from loraloom.training.families import FAMILIES
 
 
 def random_sizes(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -23,7 +24,7 @@ def random_sizes(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return rng.integers(300, 5000, n), rng.integers(300, 5000, n)
 
 
-@pytest.mark.parametrize("divisor", [16, 64])
+@pytest.mark.parametrize("divisor", sorted({f.bucket_divisor for f in FAMILIES.values()} | {64}))
 def test_buckets_have_the_target_area_the_divisor_and_the_limits(divisor):
     sizes = bucket_sizes(1024, divisor, 256, 4096)
     assert (sizes % divisor == 0).all() and sizes.min() >= 256 and sizes.max() <= 4096

@@ -61,6 +61,18 @@ def test_the_denoiser_loads_back_from_its_file_and_the_all_in_one_checkpoint(kit
     assert all(torch.equal(bundled.state_dict()[k], v) for k, v in loaded.state_dict().items())
 
 
+def test_the_native_layout_loads_back_as_the_same_denoiser(kit, tmp_path):
+    """What full fine-tunes and merges write (ComfyUI's diffusion_models layout) is what the family loads."""
+    from loraloom.loaders.files import atomic_save_safetensors
+
+    family, tiny, files = kit
+    state = tiny.denoiser.state_dict()
+    atomic_save_safetensors(family.native_state_dict(state), tmp_path / "native.safetensors")
+    loaded = family.load_denoiser(model_config(family, files, diffusion_model=str(tmp_path / "native.safetensors")),
+                                  torch.float32, keep_float8=False).state_dict()
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
 def test_text_encoders_give_batched_embeddings_of_one_shape(kit):
     family, tiny, files = kit
     text = family.load_text_encoder(model_config(family, files), torch.float32)

@@ -189,9 +189,11 @@ class OptimizerSettings:
             "scheduler": widget(OptimizerConfig, "scheduler"),
             "warmup_steps": widget(OptimizerConfig, "warmup_steps", min=0, max=1_000_000),
             "weight_decay": widget(OptimizerConfig, "weight_decay", min=0.0, max=1.0, step=0.001),
+        }, "optional": {
+            "text_encoder_lr": widget(OptimizerConfig, "text_encoder_lr", min=0.0, max=1.0, step=1e-7, round=False),
         }}
 
-    def build(self, optimizer: str, lr: float, scheduler: str, warmup_steps: int, weight_decay: float
-              ) -> tuple[OptimizerConfig]:
+    def build(self, optimizer: str, lr: float, scheduler: str, warmup_steps: int, weight_decay: float,
+              text_encoder_lr: float = 0.0) -> tuple[OptimizerConfig]:
         return (OptimizerConfig(name=optimizer, lr=lr, scheduler=scheduler, warmup_steps=warmup_steps,
-                                weight_decay=weight_decay),)
+                                weight_decay=weight_decay, text_encoder_lr=text_encoder_lr),)

@@ -72,7 +72,9 @@ class ModelConfig:
         "adapter to the distilled one.",
         False,
     )
-    text_length: int = doc("Text tokens per caption (0: the family's default).", 0)
+    text_length: int = doc(
+        "Text tokens per caption (0: the family's default). Families that read captions in windows of 77 tokens "
+        "round it up to whole windows.", 0)
     system_prompt: str = doc(
         "Text a language-model text encoder reads before every caption ('auto': the family's own; '' none). "
         "Families whose text encoders are not language models ignore it.", "auto")

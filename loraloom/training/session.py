@@ -84,17 +84,22 @@ class TrainState:
 
 @dataclasses.dataclass
 class Item:
-    """One encoded training example: raw latent (C, h, w), text embeddings and where its pixels came from."""
+    """One encoded training example: raw latent (C, h, w), text embeddings (empty while the text encoders train:
+    the caption is encoded at each step) and where its pixels came from."""
     latent: torch.Tensor
     text: dict[str, torch.Tensor]
     geometry: Geometry
+    caption: str = ""
 
 
 class Session:
     def __init__(self, cfg: RunConfig, run_dir: Path, on_event: Callable[[Event], None] | None = None):
         self.cfg = cfg
         self.run_dir = run_dir
-        self.family = family(cfg.model.family)
+        self.family = family(cfg.model.family).for_model(cfg.model)
+        # optimizer.text_encoder_lr trains the family's text encoders (the config refuses it where they cannot).
+        self.trains_text = cfg.optimizer.text_encoder_lr > 0
+        self.text_model = None  # the text encoders being trained, when they are
         self.device = default_device()
         self.compute_dtype = DTYPES[cfg.train.mixed_precision]
         self.metrics = MetricsLog(run_dir)
@@ -144,6 +149,9 @@ class Session:
 
     def _load_data(self, given: Encoders) -> None:
         cfg = self.cfg
+        if self.trains_text and given.text is not None:
+            raise ConfigError("optimizer.text_encoder_lr trains the model's own text encoders, not a given one: "
+                              "leave the clip input of Encode dataset unconnected, or set text_encoder_lr to 0")
         cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.run_dir.parent / "cache"
         with distributed.main_first():  # the other ranks read the index rank 0 cached
             self.data = data = training_data(cfg, cache_root)
@@ -153,18 +161,22 @@ class Session:
         coding.encode_latents(data, cfg.data)  # drops images that do not decode, before the first step
         self.train_rows, val_rows, self.sampler = split_and_sample(cfg, data)
         held_out = len(val_rows) if cfg.data.validation_images else 0
-        # Texts that never change (or their K variants) are encoded once; per-step ones at each step.
+        # Texts that never change (or their K variants) are encoded once; per-step ones at each step. Text
+        # encoders being trained encode every caption at every step instead.
         per_step = cfg.data.caption_variants == 0 and data.any_varies(self.train_rows)
         fixed = [t for r in self.train_rows for t in data.variant_captions(r)]
         val_texts = [data.fixed_caption(r) for r in val_rows]
-        coding.cache_texts(list(dict.fromkeys(fixed + val_texts + list(cfg.sample.prompts))))
-        if not per_step:
+        negative = [] if self.family.negative_caption is None else [self.family.negative_caption]
+        prompts = list(dict.fromkeys([*cfg.sample.prompts, *negative])) if cfg.sample.prompts else []
+        if not self.trains_text:
+            coding.cache_texts(list(dict.fromkeys(fixed + val_texts + prompts)))
+        if not per_step or self.trains_text:
             coding.text.release()  # everything the run reads is cached: no text encoder stays in memory
         unflipped = [False] * len(val_rows)
         val_latents = coding.latents(data, val_rows, unflipped)
-        self.val_items = [Item(*item) for item in zip(val_latents, coding.embed(val_texts),
-                                                      data.geometry(val_rows, unflipped))]
-        self.sample_texts = dict(zip(cfg.sample.prompts, coding.embed(list(cfg.sample.prompts))))
+        self.val_items = [Item(*item) for item in zip(val_latents, self._embed(val_texts),
+                                                      data.geometry(val_rows, unflipped), val_texts)]
+        self.sample_texts = dict(zip(prompts, self._embed(prompts)))
         # Previews decode with the family's VAE, also when another image encoder made the latents.
         self.preview_vae = (coding.image if isinstance(coding.image, FamilyImageEncoder)
                             else FamilyImageEncoder(self.family, cfg.model, self.device))
@@ -181,12 +193,20 @@ class Session:
         store_float8(model, convert=precision == "fp8")  # before the adapter wraps the layers
         if precision == "nf4":
             quantize_nf4(model, family.quantized, self.compute_dtype, self.device)
-        self.adapter = adapters.attach({DENOISER: model}, {DENOISER: family.targets[cfg.adapter.targets]},
-                                       cfg.adapter, cfg.adapter.init_seed)
+        components, patterns = {DENOISER: model}, {DENOISER: family.targets[cfg.adapter.targets]}
+        if self.trains_text:
+            self.text_model = family.load_text_encoder(cfg.model, storage)
+            encoders = family.text_encoder_modules(self.text_model)
+            components.update(encoders)
+            patterns.update({name: family.text_targets[name] for name in encoders})
+        self.adapter = adapters.attach(components, patterns, cfg.adapter, cfg.adapter.init_seed)
         self.adapted_modules = sorted(self.adapter.targets)
         if cfg.train.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         self.denoiser = model.to(self.device)
+        if self.text_model is not None:
+            family.text_encoder_to(self.text_model, self.device)
+        self.trained_modules = list(components.values())
         groups = self.adapter.parameters()
         self.params = [p for params in groups.values() for p in params]
         self.ema = Ema(self.params, cfg.ema) if cfg.ema.decay else None
@@ -247,7 +267,7 @@ class Session:
 
     def _train_step_inner(self) -> Event:
         start = time.perf_counter()
-        self.denoiser.train()
+        self._train_mode(True)
         accumulation = self.cfg.train.gradient_accumulation
         total = torch.zeros((), device=self.device)
         for _ in range(accumulation):
@@ -282,6 +302,11 @@ class Session:
             self._emit(record)
         return record
 
+    def _train_mode(self, on: bool) -> None:
+        """train() or eval() on the denoiser and the text encoders being trained (their adapter dropout follows)."""
+        for module in self.trained_modules:
+            module.train(on)
+
     def _next_batch(self) -> list[Item]:
         """The next batch of the bucket sampler (one bucket, this rank's share); O(1) to resume anywhere."""
         ids, where, after = self.sampler.next_batch(SamplerPosition(**self.state.sampler))
@@ -293,13 +318,25 @@ class Session:
         texts = data.captions_at(rows, where.epoch, self.sampler.global_batch(where))
         # Per-step captions are encoded fresh and not stored: they would fill the cache with one-off texts.
         store = self.cfg.data.caption_variants > 0 or not data.any_varies(rows)
-        return [Item(*item) for item in zip(latents, self.encoding.embed(texts, store), data.geometry(rows, flips))]
+        return [Item(*item) for item in zip(latents, self._embed(texts, store), data.geometry(rows, flips), texts)]
+
+    def _embed(self, texts: list[str], store: bool = True) -> list[dict[str, torch.Tensor]]:
+        """Each text's embeddings from the cache (encoding the missing ones); none while the text encoders
+        train, since their embeddings change at every step (see :meth:`_text`)."""
+        return [{} for _ in texts] if self.trains_text else self.encoding.embed(texts, store)
+
+    def _text(self, batch: list[Item]) -> dict[str, torch.Tensor]:
+        """The batch's text embeddings: the cached ones stacked, or its captions encoded now (with gradients when
+        the caller records them) by the text encoders being trained."""
+        if self.text_model is None:
+            return {k: torch.stack([b.text[k] for b in batch]) for k in batch[0].text}
+        return self.family.encode_text(self.text_model, [b.caption for b in batch])
 
     def _loss(self, batch: list[Item], t: torch.Tensor | None = None, noise: torch.Tensor | None = None
               ) -> torch.Tensor:
         """The family's weighted loss on ``batch``; ``t`` and ``noise`` fix the draws (validation)."""
         noised = self.family.noised(torch.stack([b.latent for b in batch]), self.cfg.train, self.generator, t, noise)
-        text = {k: torch.stack([b.text[k] for b in batch]) for k in batch[0].text}
+        text = self._text(batch)
         pred = self.family.predict(self.denoiser, noised.inputs.to(self.device), noised.t, text,
                                    [b.geometry for b in batch], self.cfg.train.guidance)
         error = (pred.float() - noised.target.to(self.device).float()).square().flatten(1).mean(1)
@@ -313,7 +350,7 @@ class Session:
     @torch.no_grad()
     def validate(self) -> float:
         """Loss on the held-out images at fixed timesteps with fixed noise: comparable across steps and runs."""
-        self.denoiser.eval()
+        self._train_mode(False)
         gen = torch.Generator().manual_seed(self.cfg.train.seed + 1)
         losses = []
         for item in self.val_items:
@@ -346,7 +383,7 @@ class Session:
         uncropped pictures of the training resolution."""
         res = self.cfg.data.resolution
         geometry = geometry or [Geometry((res, res), (0, 0), (res, res))] * len(x)
-        self.denoiser.eval()
+        self._train_mode(False)
         with self._autocast(), self._weights(adapter, ema):
             return self.family.predict(self.denoiser, x, t, text, geometry, guidance)
 
@@ -359,12 +396,21 @@ class Session:
         res = s.resolution or self.cfg.data.resolution
         vae = self.preview_vae.vae
         f = self.family.vae_factor(vae)
-        self.denoiser.eval()
+        self._train_mode(False)
         with self._autocast(), self._weights(adapter, ema):
-            text = {k: v[None] for k, v in self.sample_texts[prompt].items()}
-            raw = self.family.sample(self.denoiser, text, (res, res), (res // f, res // f), seed, steps or s.steps,
-                                     s.guidance if guidance is None else guidance)
+            negative = self.family.negative_caption
+            extra = {} if negative is None else {"negative": self.prompt_text(negative)}
+            raw = self.family.sample(self.denoiser, self.prompt_text(prompt), (res, res), (res // f, res // f), seed,
+                                     steps or s.steps, s.guidance if guidance is None else guidance, **extra)
         return to_pil(self.family.decode_latents(vae, raw)[0])
+
+    @torch.no_grad()
+    def prompt_text(self, prompt: str) -> dict[str, torch.Tensor]:
+        """A prompt's embeddings (batch 1) as the model reads them now: from the cache (every sample prompt of the
+        config is there), or by the text encoders being trained, with their adapter unless it is disabled."""
+        if self.text_model is not None:
+            return self.family.encode_text(self.text_model, [prompt])
+        return {k: v[None] for k, v in self.sample_texts[prompt].items()}
 
     def preview(self) -> Path:
         """Side-by-side picture of every sample prompt and seed without and with the adapter, and with its moving

@@ -1,13 +1,15 @@
 """Host test: the node pack inside a real ComfyUI (headless, CPU), driven over its HTTP and websocket API.
 
 The example workflows' API forms are POSTed with their file widgets pointed at tiny real-width Flux files (1 + 1
-blocks; ComfyUI's stock loaders only detect real widths) at 64 px. Proven here: the Flux example trains,
-exports into the first ``loras`` folder, the stock LoraLoaderModelOnly lists and loads the file with every key,
-the Apply node patches exactly as the stock loader does, images with and without the adapter differ; progress
-events arrive over the websocket; the queued example continues its run on each re-queue (the first chunk in a
-worker process), Cancel (``POST /interrupt``) leaves a checkpoint and the next queue item continues from it;
-the metrics route serves the run and nothing outside it; the UI forms in ``example_workflows/`` are what the
-API forms generate (``LORALOOM_WRITE_EXAMPLES=1`` rewrites them).
+blocks; ComfyUI's stock loaders only detect real widths) and the SDXL family's real-width checkpoint, at 64 px.
+Proven here: the Flux example trains, exports into the first ``loras`` folder, the stock LoraLoaderModelOnly lists
+and loads the file with every key, the Apply node patches exactly as the stock loader does, images with and
+without the adapter differ; progress events arrive over the websocket; the queued example continues its run on
+each re-queue (the first chunk in a worker process), Cancel (``POST /interrupt``) leaves a checkpoint and the next
+queue item continues from it; the booru example trains SDXL (its text encoders too) from a checkpoint, and the
+stock checkpoint and LoRA loaders load its export with every key; the metrics route serves the run and nothing
+outside it; the UI forms in ``example_workflows/`` are what the API forms generate (``LORALOOM_WRITE_EXAMPLES=1``
+rewrites them).
 
 Runs when COMFYUI_PATH points at a ComfyUI checkout (COMFYUI_PYTHON: the interpreter of its environment,
 default this one); skips otherwise. About 3 minutes on 2 CPU cores.
@@ -51,7 +53,7 @@ from loraloom.loaders.images import decode_batches  # noqa: E402
 from loraloom.training.config import DataConfig, ModelConfig, RunConfig  # noqa: E402
 from loraloom.training.data import training_data  # noqa: E402
 from loraloom.training.demo_data import write_shapes_dataset  # noqa: E402
-from loraloom.training.families import flux, parts  # noqa: E402
+from loraloom.training.families import family, flux, parts  # noqa: E402
 from loraloom.training.families.flux_kit import REAL_WIDTH, TINY, build, write  # noqa: E402
 from loraloom.training.families.flux_layout import transformer_to_bfl, vae_to_ldm  # noqa: E402
 
@@ -62,6 +64,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 EXAMPLES = REPO / "example_workflows"
 LAUNCHER = REPO / "tests" / "browser" / "run_comfyui.py"  # main.py with torchvision stubbed when absent
+SDXL_CHECKPOINT = "checkpoints/sdxl-tiny.safetensors"  # every part of the SDXL family's real-width kit
 
 
 def write_models(base: Path) -> dict[str, str]:
@@ -77,6 +80,9 @@ def write_models(base: Path) -> dict[str, str]:
         (models / folder / name).symlink_to(files[role])
     (models / "checkpoints").mkdir(parents=True, exist_ok=True)  # every part in one file, as ComfyUI ships Flux
     (models / "checkpoints" / "flux1-dev2pro-aio-tiny.safetensors").symlink_to(files["checkpoint"])
+    sdxl = family("sdxl")
+    sdxl_files = sdxl.write_tiny(sdxl.tiny(seed=1, real_width=True), stage / "sdxl", diffusers=False)
+    (models / "checkpoints" / "sdxl-tiny.safetensors").symlink_to(sdxl_files["checkpoint"])
     dev = build(REAL_WIDTH, seed=2).denoiser.state_dict()
     atomic_save_safetensors({k: v.to(torch.bfloat16) for k, v in transformer_to_bfl(dev).items()},
                             models / "diffusion_models" / "flux1-dev-tiny.safetensors")
@@ -226,6 +232,8 @@ def point_at_tiny_models(prompt: dict, tokenizers: dict[str, str], **train) -> d
         "LoraLoomModelFlux": {"transformer": "flux1-dev2pro-tiny.safetensors", "clip_l": "clip_l-tiny.safetensors",
                           "t5": "t5xxl-tiny.safetensors", "vae": "ae-tiny.safetensors", "text_length": 16,
                           **tokenizers},
+        "LoraLoomModelSDXL": {"unet": SDXL_CHECKPOINT, "clip_l": SDXL_CHECKPOINT, "clip_g": SDXL_CHECKPOINT,
+                              "vae": SDXL_CHECKPOINT, "text_length": 77},
         "LoraLoomDatasetFolder": {"folder": "shapes", "resolution": 64},
         "LoraLoomDatasetMetadata": {"resolution": 64, "validation_images": 1},
         # alpha/rank = 16 makes two steps' adapter visible in a 2-step 64 px sample through a random VAE.
@@ -399,9 +407,10 @@ def test_a_missing_optional_package_is_named_at_start(comfy):
            "bitsandbytes is not installed" in comfy.log_text()
 
 
-def test_booru_example_reads_kohaku_captions_and_trains(comfy):
+def test_booru_example_reads_kohaku_captions_and_trains_sdxl(comfy):
     prompt = point_at_tiny_models(example("booru_tags_kohaku_captions"), comfy.tokenizers,
                                   total_steps=1, steps_per_queue=1)
+    assert prompt[node_of(prompt, "LoraLoomOptimizer")]["inputs"]["text_encoder_lr"] > 0
     entry = comfy.wait(comfy.queue(prompt))
     assert_succeeded(entry, comfy)
     [preview] = entry["outputs"][node_of(prompt, "PreviewAny")]["text"]
@@ -412,6 +421,29 @@ def test_booru_example_reads_kohaku_captions_and_trains(comfy):
         assert tags[:3] == ["1girl", "hatsune miku", "vocaloid"] and tags[-2:] == ["highres", "safe"], line
         assert "tagme" not in tags and "|||" not in line
     assert (comfy.base / "output" / "loraloom" / "runs" / "booru-kohaku" / "checkpoints" / "step-00000001").is_dir()
+    lora_name = entry["outputs"][node_of(prompt, "LoraLoomExportAdapter")]["text"][0]
+    keys = load_file(comfy.base / "models" / "loras" / lora_name).keys()
+    assert any(k.startswith("lora_te1_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)
+
+    # The stock checkpoint loader and LoraLoader (UNet and CLIP) load every key and sample with it. (The tiny
+    # checkpoint's CLIPs have 3 layers; CheckpointLoaderSimple builds 12 and 32 and leaves the rest unset,
+    # which changes no key of the LoRA.)
+    log_before = len(comfy.log_text())
+    stock = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sdxl-tiny.safetensors"}},
+        "lora": {"class_type": "LoraLoader", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1],
+                                                        "lora_name": lora_name, "strength_model": 1.0,
+                                                        "strength_clip": 1.0}},
+        "text": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["lora", 1], "text": "1girl, solo"}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "sample": {"class_type": "KSampler", "inputs": {
+            "model": ["lora", 0], "positive": ["text", 0], "negative": ["text", 0], "latent_image": ["latent", 0],
+            "seed": 0, "steps": 2, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "show": {"class_type": "PreviewAny", "inputs": {"source": ["sample", 0]}},
+    }
+    assert_succeeded(comfy.wait(comfy.queue(stock)), comfy)
+    log = comfy.log_text()[log_before:]
+    assert "lora key not loaded" not in log and "NOT LOADED" not in log, log[-3000:]
 
 
 def test_model_node_trains_from_an_all_in_one_checkpoint(comfy):

@@ -95,6 +95,12 @@ class Family(ABC):
     text_length: ClassVar[int]  # model.text_length 0 means this many tokens per caption
     noise_prediction: ClassVar[bool] = False  # a DDPM model (epsilon / v): the SNR-based settings apply
     text_encoders_trainable: ClassVar[bool] = False  # optimizer.text_encoder_lr may train its text encoders
+    # With text_encoders_trainable: adapter target regexes (full match) over each text encoder's module names, by
+    # component (the text encoder's model slot, as :meth:`text_encoder_modules` names it).
+    text_targets: ClassVar[dict[str, str]] = {}
+    # The caption whose embeddings :meth:`sample` takes as ``negative`` for classifier-free guidance (families
+    # whose model has no guidance input); None: its sample takes no negative.
+    negative_caption: ClassVar[str | None] = None
     system_prompt: ClassVar[str] = ""  # model.system_prompt "auto" means this
     # The ModelConfig options the family's model node shows (besides its files), and a line of advice for it.
     node_options: ClassVar[tuple[str, ...]] = ("base_precision", "text_length")
@@ -133,6 +139,11 @@ class Family(ABC):
     def resolve_train(self, train: TrainConfig) -> TrainConfig:
         """``train`` with "auto" timesteps (and other objective settings) made concrete for this family."""
 
+    def for_model(self, model: ModelConfig) -> Family:
+        """This family set up for a run's resolved model settings that its training maths reads besides ``train``
+        (SDXL: the prediction type and the noise schedule). Families without such settings return themselves."""
+        return self
+
     def warnings(self, cfg: RunConfig) -> list[str]:
         """What a user should know before training ``cfg`` (the session warns with each)."""
         return []
@@ -160,7 +171,13 @@ class Family(ABC):
     @abstractmethod
     def encode_text(self, text: Any, captions: list[str]) -> dict[str, torch.Tensor]:
         """Captions → embeddings batched on dim 0 (see the module docstring), as the family's pipeline computes
-        them; float32 on the CPU."""
+        them; float32 on the CPU. Families with ``text_encoders_trainable`` compute them differentiably: the
+        caller chooses the grad mode."""
+
+    def text_encoder_modules(self, text: Any) -> dict[str, torch.nn.Module]:
+        """The text encoders inside what :meth:`load_text_encoder` returned, by component (their model slot), for
+        families with ``text_encoders_trainable``: the adapter wraps their :attr:`text_targets`."""
+        raise NotImplementedError(f"{self.title}'s text encoders are not trained")
 
     @abstractmethod
     def load_vae(self, model: ModelConfig) -> torch.nn.Module:
@@ -196,7 +213,9 @@ class Family(ABC):
     def sample(self, model: torch.nn.Module, text: dict[str, torch.Tensor], size: tuple[int, int],
                latent_hw: tuple[int, int], seed: int, steps: int, guidance: float) -> torch.Tensor:
         """A preview: ``steps`` sampler steps from the seeded noise of shape (1, C, *latent_hw) for the batched
-        ``text``; ``size`` is the picture's (width, height). Returns raw latents (1, C, h, w)."""
+        ``text``; ``size`` is the picture's (width, height). Returns raw latents (1, C, h, w). A family with a
+        :attr:`negative_caption` also takes ``negative=``, that caption's batched embeddings, and guides with
+        them when ``guidance`` > 1."""
 
     # ---------------------------------------------------------------- export
 

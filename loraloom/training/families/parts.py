@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ...loaders.files import ModelFileError, find_weights, read_safetensors, strip_prefix
+from ...loaders.files import ModelFileError, find_weights, read_safetensors
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -83,16 +83,21 @@ def load_hf_encoder(path: str, subfolder: str, cls: type, config_fn: Callable[[d
                                     use_safetensors=not allow_pickle)
         return model.requires_grad_(False).eval()
     sd = read_safetensors([p], what=f"the {cls.__name__}", allow_pickle=allow_pickle, prefixes=checkpoint_prefixes)
-    sd = convert(sd) if convert else sd
-    sd = strip_prefix(sd, (CLIP_FILE_PREFIX,))
+    try:
+        sd = convert(sd) if convert else sd
+    except ValueError as e:
+        raise ModelFileError(f"{p}: not a {cls.__name__} file ({e})") from None
+    sd = {k.removeprefix(CLIP_FILE_PREFIX): v for k, v in sd.items()}
     if marker not in sd:
         raise ModelFileError(f"{p} is not a {cls.__name__} file: expected the key '{marker}', found "
                              f"{', '.join(list(sd)[:3])}")
     with init_empty_weights():
         model = cls(config_fn(sd, tokenizer))
     expected = model.state_dict()
-    prefix = CLIP_FILE_PREFIX if all(k.startswith(CLIP_FILE_PREFIX) for k in expected) else ""
-    sd = {prefix + k: v.to(dtype) for k, v in sd.items() if prefix + k in expected}
+
+    def fit(key: str) -> str:  # the model's own name: with text_model. or without, per module
+        return key if key in expected else CLIP_FILE_PREFIX + key
+    sd = {fit(k): v.to(dtype) for k, v in sd.items() if fit(k) in expected}
     # T5's encoder.embed_tokens is tied to shared and often absent from files.
     if "encoder.embed_tokens.weight" in expected and "encoder.embed_tokens.weight" not in sd:
         sd["encoder.embed_tokens.weight"] = sd["shared.weight"]
