@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
+
+from .offline import import_offline
 
 
 class ConfigError(ValueError):
@@ -13,7 +14,7 @@ class ConfigError(ValueError):
 def optional_module(name: str, setting: str, instead: str) -> Any:
     """Import an optional dependency that ``setting`` needs, or say how to install it or what to use instead."""
     try:
-        return importlib.import_module(name)
+        return import_offline(name)
     except ImportError as e:
         raise ConfigError(f"{setting} needs {name}, which is not importable here ({e}). Install it "
                           f"(pip install {name}) or use {instead}.") from None

@@ -43,6 +43,7 @@ from .families import family
 from .families.base import DENOISER, Geometry
 from .metrics import MetricsLog
 from .objectives import validation_timesteps
+from .offline import import_hub_askers_offline
 from .optimizers import make_optimizer
 from .precision import DTYPES, quantize_nf4, store_float8
 
@@ -121,6 +122,7 @@ class Session:
 
         ``encoders``: text and/or image encoders to use instead of the family's own (see :mod:`.encoders`).
         """
+        import_hub_askers_offline()
         cfg = config_from_dict(cfg.to_dict())  # validated, its "auto" values resolved by the family
         run_dir = writable_folder(cfg.output.run_dir, "output.run_dir")
         self = cls(cfg, run_dir, on_event)

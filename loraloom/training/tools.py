@@ -21,6 +21,7 @@ from .config import AdapterConfig, ConfigError, ModelConfig, RunConfig, config_f
 from .export import EXPORT_DTYPES, adapter_file_state, adapter_groups, patch_file_state, write_model
 from .families import family as family_named
 from .families.base import DENOISER, Family
+from .offline import import_hub_askers_offline
 
 
 def merge(base: Path, adapter_file: Path, out: Path, dtype: str = "bf16", cfg: RunConfig | None = None) -> Path:
@@ -127,6 +128,7 @@ def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
 def _load(family: Family, model: ModelConfig, path: Path) -> torch.nn.Module:
     """A model file through the family's own loader, in a dtype that holds each of its tensors exactly (half of
     float32's memory for a bf16 / fp16 / fp8 file); differences and merges are computed in float32 from there."""
+    import_hub_askers_offline()
     return family.load_denoiser(dataclasses.replace(model, diffusion_model=str(path)), _exact_dtype(path),
                                 keep_float8=False)
 

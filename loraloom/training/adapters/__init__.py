@@ -6,11 +6,10 @@ The list names modules rather than importing them: peft and lycoris-lora take se
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from ..errors import ConfigError
+from ..offline import import_offline
 
 # adapter.algorithm -> "module:class" under this package.
 ALGORITHMS = {
@@ -27,7 +26,7 @@ def algorithm(name: str) -> type:
     if name not in ALGORITHMS:
         raise ConfigError(f"adapter.algorithm = {name!r} is not one of {sorted(ALGORITHMS)}")
     module, cls = ALGORITHMS[name].split(":")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+    return getattr(import_offline(f"{__name__}.{module}"), cls)
 
 
 def attach(components: dict[str, torch.nn.Module], patterns: dict[str, str], settings, seed: int):
