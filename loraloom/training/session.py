@@ -156,14 +156,16 @@ class Session:
         per_step = cfg.data.caption_variants == 0 and data.any_varies(self.train_rows)
         fixed = [t for r in self.train_rows for t in data.variant_captions(r)]
         val_texts = [data.fixed_caption(r) for r in val_rows]
-        coding.cache_texts(list(dict.fromkeys(fixed + val_texts + list(cfg.sample.prompts))))
+        # Previews read the sample prompts and, as the negative of classifier-free guidance, the empty caption.
+        previews = [*cfg.sample.prompts, ""] if cfg.sample.prompts else []
+        coding.cache_texts(list(dict.fromkeys(fixed + val_texts + previews)))
         if not per_step:
             coding.text.release()  # everything the run reads is cached: no text encoder stays in memory
         unflipped = [False] * len(val_rows)
         val_latents = coding.latents(data, val_rows, unflipped)
         self.val_items = [Item(*item) for item in zip(val_latents, coding.embed(val_texts),
                                                       data.geometry(val_rows, unflipped))]
-        self.sample_texts = dict(zip(cfg.sample.prompts, coding.embed(list(cfg.sample.prompts))))
+        self.sample_texts = dict(zip(previews, coding.embed(previews)))
         # Previews decode with the family's VAE, also when another image encoder made the latents.
         self.preview_vae = (coding.image if isinstance(coding.image, FamilyImageEncoder)
                             else FamilyImageEncoder(self.family, cfg.model, self.device))
@@ -344,9 +346,9 @@ class Session:
         f = self.family.vae_factor(vae)
         self.denoiser.eval()
         with self._autocast(), (nullcontext() if adapter else self.adapter.disabled()):
-            text = {k: v[None] for k, v in self.sample_texts[prompt].items()}
+            text, negative = ({k: v[None] for k, v in self.sample_texts[p].items()} for p in (prompt, ""))
             raw = self.family.sample(self.denoiser, text, (res, res), (res // f, res // f), seed, steps or s.steps,
-                                     s.guidance if guidance is None else guidance)
+                                     s.guidance if guidance is None else guidance, negative)
         return to_pil(self.family.decode_latents(vae, raw)[0])
 
     def preview(self) -> Path:

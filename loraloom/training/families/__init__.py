@@ -5,8 +5,9 @@ from __future__ import annotations
 from ..errors import ConfigError
 from .base import Family
 from .flux import Flux
+from .lumina2 import Lumina2
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (Flux(),)}
+FAMILIES: dict[str, Family] = {family.name: family for family in (Flux(), Lumina2())}
 DEFAULT_FAMILY = "flux"  # model.family when a config leaves it out
 
 
