@@ -257,11 +257,16 @@ class CaptionEncoder:
 
     @torch.no_grad()
     def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        """{"gemma": (B, length, C) float32, zero where padded; "mask": (B, length) float32}. Right-padding never
-        changes the tokens before it (causal attention), so no attention mask is needed here."""
+        """{"gemma": (B, length, C) float32, zero where padded; "mask": (B, length) float32}.
+
+        Gemma reads the tokens up to the longest caption: one caption is encoded unpadded, exactly as ComfyUI
+        encodes a prompt, and right-padding never changes the tokens before it (causal attention)."""
         ids, mask = self.tokenize(captions)
-        hidden = self.gemma(input_ids=ids.to(self.gemma.device)).last_hidden_state
-        return {"gemma": hidden.float().cpu() * mask[..., None], "mask": mask.float()}
+        n = int(mask.sum(1).max())
+        hidden = self.gemma(input_ids=ids[:, :n].to(self.gemma.device)).last_hidden_state.float().cpu()
+        out = torch.zeros(len(captions), self.length, hidden.shape[-1])
+        out[:, :n] = hidden * mask[:, :n, None]
+        return {"gemma": out, "mask": mask.float()}
 
 
 def gemma_config(sd: dict[str, torch.Tensor]) -> Gemma2Config:
