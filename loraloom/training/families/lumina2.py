@@ -413,7 +413,7 @@ class Lumina2(Family):
     title = "Lumina2"  # ComfyUI's spelling (CLIPLoader type lumina2, CLIPTextEncodeLumina2)
     architecture = "lumina-2"
     files = (
-        ModelFile("diffusion_model", "diffusion_model", "diffusion_models",
+        ModelFile("diffusion_model", "transformer", "diffusion_models",
                   "The Lumina 2 transformer (lumina_2_model_bf16.safetensors, Illustrious-LU, NetaYume, ...)."),
         ModelFile("text_encoder", "gemma", "text_encoders", "Gemma-2-2B (gemma_2_2b_fp16.safetensors)."),
         ModelFile("vae", "vae", "vae", "The Flux VAE (ae.safetensors)."),

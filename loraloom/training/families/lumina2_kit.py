@@ -52,7 +52,7 @@ class Lumina2Size:
     gemma_heads: int  # of ComfyUI's fixed size 256
     gemma_kv_heads: int
     gemma_ff: int
-    gemma_layers: int = 2  # hidden layer -2 is then the first layer's output
+    gemma_layers: int = 3  # ComfyUI reads layer -2 only from a Gemma of more than 2 layers
     vae_widths: tuple[int, ...] = (32, 32, 64)  # multiples of 32: the Flux VAE's norm groups
 
 
@@ -61,7 +61,7 @@ TINY = Lumina2Size(hidden=64, heads=2, kv_heads=1, layers=2, refiners=1, gemma_w
                    gemma_kv_heads=1, gemma_ff=128)
 # The smallest model stock ComfyUI detects as Lumina 2 with every weight used: dim 2304, 24/8 heads (hard-coded by
 # its detection), exactly 2 + 2 refiner blocks (never read from the file), one layer; about 0.43B parameters. Gemma
-# at the real width (the caption width), with real head counts, a narrow MLP and 2 layers: ComfyUI builds it through
+# at the real width (the caption width), with real head counts, a narrow MLP and 3 layers: ComfyUI builds it through
 # model_options["gemma2_2b_model_config"].
 REAL_WIDTH = Lumina2Size(hidden=2304, heads=24, kv_heads=8, layers=1, refiners=2, gemma_width=2304, gemma_heads=8,
                          gemma_kv_heads=4, gemma_ff=256)
