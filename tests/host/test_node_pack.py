@@ -350,7 +350,7 @@ def test_lumina2_example_trains_exports_and_the_stock_loader_applies_it(comfy):
     assert lora_name == "loraloom/lumina2-zwx.safetensors"
     lora = load_file(comfy.base / "models" / "loras" / lora_name)
     assert "diffusion_model.layers.0.attention.qkv.lora_A.weight" in lora
-    assert "diffusion_model.context_refiner.1.feed_forward.w3.alpha" in lora
+    assert "diffusion_model.context_refiner.1.attention.out.alpha" in lora  # the refiners too
     assert_the_stock_loader_applies_it(comfy, prompt, lora_name)
 
 

@@ -155,8 +155,8 @@ def fuse_qkv(model: torch.nn.Module) -> int:
     for attn in model.modules():
         if not (isinstance(attn, Attention) and isinstance(attn.processor, Lumina2AttnProcessor2_0)):
             continue
-        parts_ = (attn.to_q, attn.to_k, attn.to_v)
-        weight = torch.cat([p.weight.detach() for p in parts_], dim=0)
+        projections = (attn.to_q, attn.to_k, attn.to_v)
+        weight = torch.cat([p.weight.detach() for p in projections], dim=0)
         fused = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device,
                                 dtype=weight.dtype)
         if weight.device.type != "meta":
@@ -508,8 +508,8 @@ class Lumina2(Family):
         return EXPORT_PREFIX + module_to_native(module)
 
     def metadata(self, cfg: RunConfig) -> dict[str, str]:
-        return {"ss_base_model_version": "lumina2", "modelspec.implementation":
-                "https://github.com/Alpha-VLLM/Lumina-Image-2.0"}
+        return {"ss_network_module": "networks.lora_lumina", "ss_base_model_version": "lumina2",
+                "modelspec.implementation": "https://github.com/Alpha-VLLM/Lumina-Image-2.0"}
 
     def tiny(self, seed: int = 0, words: tuple[str, ...] = (), real_width: bool = False) -> TinyModel:
         from .lumina2_kit import REAL_WIDTH, TINY, build
