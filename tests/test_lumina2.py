@@ -352,8 +352,9 @@ def test_the_example_config_and_the_demo(tmp_path, capsys):
     assert main(["config", "--example", "lumina2"]) == 0
     example = capsys.readouterr().out
     assert 'family = "lumina2"' in example and "gemma_2_2b_fp16.safetensors" in example
-    # The demo, reduced (the CLI's run trains what prepare wrote): the LoRA lowers the validation loss.
-    demo.prepare(tmp_path / "demo", images=8, steps=40, vae_steps=20, base_steps=40, family_name="lumina2")
+    # The demo, reduced (the CLI's run trains what prepare wrote; the VAE left unfitted, as the Flux demo test
+    # covers fitting it): the LoRA lowers the validation loss.
+    demo.prepare(tmp_path / "demo", images=8, steps=40, vae_steps=0, base_steps=40, family_name="lumina2")
     assert main(["demo", "--family", "lumina2", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     before, after = (float(v) for v in re.search(r"validation loss ([\d.]+) -> ([\d.]+)", out).groups())
