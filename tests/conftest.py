@@ -10,7 +10,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from loraloom.training.config import RunConfig, load_config, to_toml
+from loraloom.training.config import MODEL_FILES, RunConfig, load_config, to_toml
 from loraloom.training.demo_data import write_shapes_dataset
 from loraloom.training.families import family
 
@@ -28,6 +28,19 @@ def tiny_files(tiny_parts, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def family_files(tiny_files, tmp_path_factory):
+    """``family_files(name)``: the tiny files of any registered family, written once per test session."""
+    written = {"flux": tiny_files}
+
+    def files(name: str) -> dict[str, Path]:
+        if name not in written:
+            kit = family(name)
+            written[name] = kit.write_tiny(kit.tiny(seed=0, words=("zwx", "disc")), tmp_path_factory.mktemp(name))
+        return written[name]
+    return files
+
+
+@pytest.fixture(scope="session")
 def shapes_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("data") / "images"
     write_shapes_dataset(folder, count=8, size=64, seed=0, trigger="zwx")
@@ -41,13 +54,13 @@ def shared_cache(tmp_path_factory) -> Path:
 
 
 def tiny_config(files: dict[str, Path], images: Path, run_dir: Path, cache: Path | None = None,
-                **sections) -> RunConfig:
-    """A fast fp32 config over the tiny files; ``sections`` override fields, e.g. train={"steps": 3}."""
+                family_name: str = "flux", **sections) -> RunConfig:
+    """A fast fp32 config over the tiny files of ``family_name``; ``sections`` override fields, e.g.
+    train={"steps": 3}."""
     cfg = RunConfig()
     base = {
-        "model": dict(diffusion_model=str(files["diffusion_model"]), text_encoder=str(files["text_encoder"]),
-                      text_encoder_2=str(files["text_encoder_2"]), tokenizer=str(files["tokenizer"]),
-                      tokenizer_2=str(files["tokenizer_2"]), vae=str(files["vae"]), text_length=16),
+        "model": dict(family=family_name, **{slot: str(files[slot]) for slot in MODEL_FILES if slot in files},
+                      text_length=16),
         "data": dict(images=str(images), resolution=64, validation_images=2,
                      cache_dir=str(cache or run_dir.parent / "cache")),
         "adapter": dict(rank=4, alpha=8.0),
@@ -67,10 +80,12 @@ def write_config(cfg: RunConfig, path: Path) -> Path:
 
 
 @pytest.fixture
-def make_config(tiny_files, shapes_folder, shared_cache, tmp_path):
-    """Build a tiny run config (validated through the TOML loader, as a user's would be)."""
-    def make(run: str = "run", **sections) -> RunConfig:
-        cfg = tiny_config(tiny_files, shapes_folder, tmp_path / run, shared_cache, **sections)
+def make_config(family_files, shapes_folder, shared_cache, tmp_path):
+    """Build a tiny run config (validated through the TOML loader, as a user's would be); ``family_name`` picks
+    the family (Flux by default)."""
+    def make(run: str = "run", family_name: str = "flux", **sections) -> RunConfig:
+        cfg = tiny_config(family_files(family_name), shapes_folder, tmp_path / run, shared_cache, family_name,
+                          **sections)
         return load_config(write_config(cfg, tmp_path / f"{run}.toml"))
     return make
 

@@ -30,9 +30,10 @@ RUN = {"train": {"steps": 16, "batch_size": 2, "gradient_accumulation": 2, "chec
        "adapter": {"dropout": 0.1}}
 
 
-def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(make_config, tmp_path):
-    make_config("straight", **RUN)
-    make_config("killed", **RUN)
+@pytest.mark.parametrize("family_name", ["flux", "lumina2"])
+def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(make_config, tmp_path, family_name):
+    make_config("straight", family_name, **RUN)
+    make_config("killed", family_name, **RUN)
     resume_stress.run_to_end(tmp_path / "straight.toml")
     trials = resume_stress.train_with_kills(tmp_path / "killed.toml", kills=12, seed=0)
     assert len(trials) == 12

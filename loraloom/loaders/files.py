@@ -94,6 +94,14 @@ def _read_pickle_weights(path: Path, what: str) -> dict[str, torch.Tensor]:
     return data
 
 
+def strip_prefix(sd: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Drop the first of ``prefixes`` that every key starts with (ComfyUI/A1111 checkpoint prefixes)."""
+    for p in prefixes:
+        if sd and all(k.startswith(p) for k in sd):
+            return {k[len(p):]: v for k, v in sd.items()}
+    return sd
+
+
 def fingerprint(path: str | Path, chunk: int = 1 << 20) -> str:
     """A fast identity of a model file or folder: sha256 over name-independent size, head and tail bytes.
 

@@ -71,7 +71,8 @@ class EncodeDataset:
                               f"{kind.latent_channels}: load the {kind.title} VAE with VAELoader")
         data = dataclasses.replace(dataset, cache_dir=str(host.output_dir() / CACHE_SUBFOLDER))
         cfg = config_from_dict(RunConfig(model=model, data=data).to_dict())
-        text = host.ComfyTextEncoder(clip, kind, cfg.model.text_length) if clip is not None else None
+        text = (host.ComfyTextEncoder(clip, kind, cfg.model.text_length, cfg.model.system_prompt)
+                if clip is not None else None)
         encoders = Encoders(text=text, image=image)
         summary = encode_data(cfg, encoders)
         return EncodedDataset(dataset, model, encoders, summary.per_step_captions), describe(summary, encoders)

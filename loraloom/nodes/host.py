@@ -106,16 +106,17 @@ class ComfyTextEncoder:
     """ComfyUI's CLIP object (from the loader of the family's text encoders) as the engine's text encoder.
 
     Captions are read literally: no ``(word:1.2)`` weighting, which would change tags such as ``name (series)``.
-    The family turns ComfyUI's output into its embeddings, of ``length`` tokens (see ``Family.comfy_text``).
+    The family turns ComfyUI's output into its embeddings, of ``length`` tokens, with ``system_prompt`` in front
+    where it reads one (see ``Family.comfy_text``); both show in the probe, hence in the id.
     """
 
-    def __init__(self, clip: Any, family: Family, length: int):
-        self.clip, self.family, self.length = clip, family, length
+    def __init__(self, clip: Any, family: Family, length: int, system_prompt: str = ""):
+        self.clip, self.family, self.length, self.system_prompt = clip, family, length, system_prompt
         self.id = probe_id(f"comfy-clip-{length}", self.encode_texts([PROBE_TEXT])[0].values())
 
     def encode_texts(self, texts: list[str]) -> list[dict[str, torch.Tensor]]:
         with torch.no_grad():
-            return [self.family.comfy_text(self.clip, text, self.length) for text in texts]
+            return [self.family.comfy_text(self.clip, text, self.length, self.system_prompt) for text in texts]
 
     def release(self) -> None:
         pass  # ComfyUI's model management owns the weights

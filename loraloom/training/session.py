@@ -400,10 +400,10 @@ class Session:
         f = self.family.vae_factor(vae)
         self._train_mode(False)
         with self._autocast(), self._weights(adapter, ema):
-            negative = self.family.negative_caption
-            extra = {} if negative is None else {"negative": self.prompt_text(negative)}
+            caption = self.family.negative_caption
+            negative = None if caption is None else self.prompt_text(caption)
             raw = self.family.sample(self.denoiser, self.prompt_text(prompt), (res, res), (res // f, res // f), seed,
-                                     steps or s.steps, s.guidance if guidance is None else guidance, **extra)
+                                     steps or s.steps, s.guidance if guidance is None else guidance, negative)
         return to_pil(self.family.decode_latents(vae, raw)[0])
 
     @torch.no_grad()

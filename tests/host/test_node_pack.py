@@ -101,7 +101,17 @@ def write_models(base: Path) -> dict[str, str]:
     (base / "input" / "danbooru").mkdir()
     (base / "input" / "danbooru" / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     write_comfy_text_encoders(models)
+    write_lumina2_models(models, stage / "lumina2")
     return {"clip_tokenizer": str(files["tokenizer"]), "t5_tokenizer": str(files["tokenizer_2"])}
+
+
+def write_lumina2_models(models: Path, stage: Path) -> None:
+    """The smallest real-width Lumina 2 ComfyUI detects (1 layer, 2 + 2 refiners) and its Gemma (real width, 3
+    layers: the engine's encoder reads it; stock CLIPLoader would need the real depth), for the Lumina 2 example."""
+    lumina = family("lumina2")
+    files = lumina.write_tiny(lumina.tiny(seed=6, words=("zwx",), real_width=True), stage, diffusers=False)
+    (models / "diffusion_models" / "lumina2-tiny.safetensors").symlink_to(files["diffusion_model"])
+    (models / "text_encoders" / "gemma_2_2b-tiny.safetensors").symlink_to(files["text_encoder"])
 
 
 def write_comfy_text_encoders(models: Path) -> None:
@@ -234,6 +244,8 @@ def point_at_tiny_models(prompt: dict, tokenizers: dict[str, str], **train) -> d
                           **tokenizers},
         "LoraLoomModelSDXL": {"unet": SDXL_CHECKPOINT, "clip_l": SDXL_CHECKPOINT, "clip_g": SDXL_CHECKPOINT,
                               "vae": SDXL_CHECKPOINT, "text_length": 77},
+        "LoraLoomModelLumina2": {"transformer": "lumina2-tiny.safetensors", "gemma": "gemma_2_2b-tiny.safetensors",
+                                 "vae": "ae-tiny.safetensors", "text_length": 32},
         "LoraLoomDatasetFolder": {"folder": "shapes", "resolution": 64},
         "LoraLoomDatasetMetadata": {"resolution": 64, "validation_images": 1},
         # alpha/rank = 16 makes two steps' adapter visible in a 2-step 64 px sample through a random VAE.
@@ -298,8 +310,13 @@ def test_flux_example_trains_exports_and_the_stock_loader_applies_it(comfy):
     [saved] = entry["outputs"][node_of(prompt, "SaveImage")]["images"]
     assert comfy.image(saved).shape[1] > 2 * 192  # two labelled columns
 
-    # The exported file through the stock loader, sampled with and without it at the same seed, and through the
-    # Apply node (the Train node re-runs: the run is finished, so it only says so and exports again).
+    assert_the_stock_loader_applies_it(comfy, prompt, lora_name)
+
+
+def assert_the_stock_loader_applies_it(comfy: Comfy, prompt: dict, lora_name: str) -> None:
+    """The exported file through the stock loader, sampled with and without it at the same seed, and through the
+    Apply node (the Train node re-runs: the run is finished, so it only says so and exports again): every key
+    loads, Apply patches as the stock loader does, and the adapter shows."""
     stock = copy.deepcopy(prompt)
     for node_id in [k for k, v in stock.items() if v["class_type"] in
                     ("LoraLoomExportAdapter", "LoraLoomSideBySide", "SaveImage", "LoraLoomLossGraph", "PreviewImage")]:
@@ -326,6 +343,23 @@ def test_flux_example_trains_exports_and_the_stock_loader_applies_it(comfy):
     difference = np.abs(images["without"] - images["stock"]).mean()
     print(f"mean |with - without| = {difference:.3f} of 255")
     assert difference > 0.25  # sampling is deterministic: any difference is the adapter's
+
+
+def test_lumina2_example_trains_exports_and_the_stock_loader_applies_it(comfy):
+    """The Lumina 2 example on the real-width Lumina 2: trains, exports under native names, and the stock
+    LoraLoaderModelOnly and the Apply node patch the stock UNETLoader's model alike, with cfg 4 against the engine's
+    encoding of the negative prompt."""
+    prompt = point_at_tiny_models(example("lumina2_train_then_compare"), comfy.tokenizers,
+                                  total_steps=2, steps_per_queue=2, validate_every=2)
+    prompt[node_of(prompt, "UNETLoader")]["inputs"]["unet_name"] = "lumina2-tiny.safetensors"
+    entry = comfy.wait(comfy.queue(prompt))
+    assert_succeeded(entry, comfy)
+    lora_name = entry["outputs"][node_of(prompt, "LoraLoomExportAdapter")]["text"][0]
+    assert lora_name == "loraloom/lumina2-zwx.safetensors"
+    lora = load_file(comfy.base / "models" / "loras" / lora_name)
+    assert "diffusion_model.layers.0.attention.qkv.lora_A.weight" in lora
+    assert "diffusion_model.context_refiner.1.attention.out.alpha" in lora  # the refiners too
+    assert_the_stock_loader_applies_it(comfy, prompt, lora_name)
 
 
 def test_an_fp8_base_trains_in_fp32_and_its_export_loads_on_a_bf16_dev(comfy):

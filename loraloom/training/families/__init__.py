@@ -5,9 +5,10 @@ from __future__ import annotations
 from ..errors import ConfigError
 from .base import Family
 from .flux import Flux
+from .lumina2 import Lumina2
 from .sdxl import Sdxl
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (Flux(), Sdxl())}
+FAMILIES: dict[str, Family] = {family.name: family for family in (Flux(), Lumina2(), Sdxl())}
 DEFAULT_FAMILY = "flux"  # model.family when a config leaves it out
 
 

@@ -211,11 +211,12 @@ class Family(ABC):
 
     @abstractmethod
     def sample(self, model: torch.nn.Module, text: dict[str, torch.Tensor], size: tuple[int, int],
-               latent_hw: tuple[int, int], seed: int, steps: int, guidance: float) -> torch.Tensor:
+               latent_hw: tuple[int, int], seed: int, steps: int, guidance: float,
+               negative: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """A preview: ``steps`` sampler steps from the seeded noise of shape (1, C, *latent_hw) for the batched
-        ``text``; ``size`` is the picture's (width, height). Returns raw latents (1, C, h, w). A family with a
-        :attr:`negative_caption` also takes ``negative=``, that caption's batched embeddings, and guides with
-        them when ``guidance`` > 1."""
+        ``text``; ``size`` is the picture's (width, height). ``guidance`` is the model's guidance input where it
+        has one, else the classifier-free guidance scale against ``negative``: the batched embeddings of
+        :attr:`negative_caption` (None, or guidance 1.0: no guidance). Returns raw latents (1, C, h, w)."""
 
     # ---------------------------------------------------------------- export
 
@@ -257,9 +258,10 @@ class Family(ABC):
     # ---------------------------------------------------------------- ComfyUI's objects (duck-typed, no imports)
 
     @abstractmethod
-    def comfy_text(self, clip: Any, caption: str, length: int) -> dict[str, torch.Tensor]:
+    def comfy_text(self, clip: Any, caption: str, length: int, system_prompt: str = "") -> dict[str, torch.Tensor]:
         """One caption through a ComfyUI CLIP object of this family, read literally (no prompt weighting), as
-        the engine's embeddings; raises ConfigError when ``clip`` holds another family's text encoders."""
+        the engine's embeddings (``system_prompt``: ``model.system_prompt``, for families that read one); raises
+        ConfigError when ``clip`` holds another family's text encoders."""
 
     @abstractmethod
     def comfy_conditioning(self, text: dict[str, torch.Tensor], guidance: float) -> list:

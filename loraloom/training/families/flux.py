@@ -329,8 +329,10 @@ class Flux(Family):
 
     @torch.no_grad()
     def sample(self, model: torch.nn.Module, text: dict[str, torch.Tensor], size: tuple[int, int],
-               latent_hw: tuple[int, int], seed: int, steps: int, guidance: float) -> torch.Tensor:
-        """Euler steps of the flow from noise (t=1) to image (t=0) on Flux's shifted schedule."""
+               latent_hw: tuple[int, int], seed: int, steps: int, guidance: float,
+               negative: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Euler steps of the flow from noise (t=1) to image (t=0) on Flux's shifted schedule; ``guidance`` is the
+        model's guidance input, so ``negative`` is not used."""
         h, w = latent_hw
         x = torch.randn(1, self.latent_channels, h, w, generator=torch.Generator().manual_seed(seed))
         sigmas = inference_sigmas(steps, image_tokens(h, w))
@@ -361,7 +363,7 @@ class Flux(Family):
 
         return write(tiny, folder, diffusers)
 
-    def comfy_text(self, clip: Any, caption: str, length: int) -> dict[str, torch.Tensor]:
+    def comfy_text(self, clip: Any, caption: str, length: int, system_prompt: str = "") -> dict[str, torch.Tensor]:
         """ComfyUI pads Flux's T5 input to at least 256 tokens and never cuts it; a run needs one length, since
         batches are stacked, so every caption is padded the same way (ComfyUI's own ``t5xxl_min_length``
         option) to ``length`` tokens and cut there, keeping the end token, as the engine's encoders do. At 256,

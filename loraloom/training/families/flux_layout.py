@@ -20,6 +20,8 @@ from collections.abc import Mapping
 
 import torch
 
+from .parts import KeyReader
+
 __all__ = ["transformer_from_bfl", "transformer_to_bfl", "vae_to_ldm"]
 
 # --------------------------------------------------------------------------------------------------
@@ -103,24 +105,6 @@ def _block_indices(sd: Mapping[str, torch.Tensor], prefix: str) -> list[int]:
     return sorted({int(m.group(1)) for k in sd if (m := pattern.match(k))})
 
 
-class _KeyReader:
-    """Hands out tensors by key and remembers which were taken, so no key is silently dropped."""
-
-    def __init__(self, sd: Mapping[str, torch.Tensor], layout: str):
-        self.sd, self.layout, self.used = sd, layout, set()
-
-    def __call__(self, key: str) -> torch.Tensor:
-        if key not in self.sd:
-            raise KeyError(f"{self.layout} state dict lacks {key!r}")
-        self.used.add(key)
-        return self.sd[key]
-
-    def check_all_used(self) -> None:
-        unknown = sorted(set(self.sd) - self.used)
-        if unknown:
-            raise ValueError(f"keys not in the {self.layout} layout (first of {len(unknown)}): {unknown[:5]}")
-
-
 def transformer_to_bfl(sd: Mapping[str, torch.Tensor], *, prefix: str = "") -> dict[str, torch.Tensor]:
     """Diffusers ``FluxTransformer2DModel.state_dict()`` -> BFL ``flux1-dev.safetensors`` keys.
 
@@ -142,7 +126,7 @@ def transformer_to_bfl(sd: Mapping[str, torch.Tensor], *, prefix: str = "") -> d
     real-width files; this function itself has no width built in.
     """
     out: dict[str, torch.Tensor] = {}
-    take = _KeyReader(sd, "diffusers Flux")
+    take = KeyReader(sd, "diffusers Flux")
 
     def put(key: str, tensor: torch.Tensor) -> None:
         out[prefix + key] = tensor
@@ -178,7 +162,7 @@ def transformer_from_bfl(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     ``linear1`` (3H + M, H) into H, H, H and the rest, with H = ``img_in.weight.shape[0]``.
     """
     out: dict[str, torch.Tensor] = {}
-    take = _KeyReader(sd, "BFL Flux")
+    take = KeyReader(sd, "BFL Flux")
     hidden = sd["img_in.weight"].shape[0]
     for dst, src in _FLUX_TOP.items():
         if src.startswith("guidance_in") and f"{src}.weight" not in sd:

@@ -8,7 +8,7 @@ import, and ``loraloom dataset inspect`` needs only the families' constants.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,30 @@ def count_blocks(sd: dict, prefix: str) -> int:
     """1 + the largest N of keys ``<prefix>N.…`` (0 when there are none)."""
     ids = {int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)}
     return max(ids) + 1 if ids else 0
+
+
+class KeyReader:
+    """Hands out a state dict's tensors by key and remembers which were taken, so a key rename table drops no key
+    silently: :meth:`check_all_used` names every key no rule took."""
+
+    def __init__(self, sd: Mapping[str, torch.Tensor], layout: str):
+        self.sd, self.layout, self.used = sd, layout, set[str]()
+
+    def __call__(self, key: str) -> torch.Tensor:
+        if key not in self.sd:
+            raise KeyError(f"{self.layout} state dict lacks {key!r}")
+        self.used.add(key)
+        return self.sd[key]
+
+    def skip(self, key: str) -> None:
+        """Take ``key`` (when present) without using it: a tensor the other layout has no place for."""
+        if key in self.sd:
+            self.used.add(key)
+
+    def check_all_used(self) -> None:
+        unknown = sorted(set(self.sd) - self.used)
+        if unknown:
+            raise ValueError(f"keys not in the {self.layout} layout (first of {len(unknown)}): {unknown[:5]}")
 
 
 def read_diffusers_folder(path: Path, subfolder: str, what: str, allow_pickle: bool = False

@@ -443,7 +443,7 @@ class Sdxl(Family):
 
     # ---------------------------------------------------------------- ComfyUI's objects
 
-    def comfy_text(self, clip: Any, caption: str, length: int) -> dict[str, torch.Tensor]:
+    def comfy_text(self, clip: Any, caption: str, length: int, system_prompt: str = "") -> dict[str, torch.Tensor]:
         """ComfyUI's SDXL CLIP (CheckpointLoaderSimple, DualCLIPLoader type sdxl) on the caption read literally,
         its first ``length`` / 77 windows kept, as the engine's encoders do."""
         tokens = clip.tokenize(caption, disable_weights=True)
