@@ -1,18 +1,28 @@
-"""Adapter → a .safetensors file the stock ComfyUI LoraLoader and diffusers both read."""
+"""Adapter → a .safetensors file the stock ComfyUI LoraLoader and diffusers both read, and such a file (ours or
+another trainer's) back to the adapter's targets, to continue training from it."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
-from ..loaders.files import atomic_save_safetensors
+from ..loaders.files import atomic_save_safetensors, read_safetensors
+from .adapters.base import FILE_SUFFIXES
 from .config import RunConfig
-from .families.base import Family
+from .errors import ConfigError
+from .families.base import DENOISER, Family
 
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# How other trainers spell a denoiser module's path: dotted under a prefix (diffusers' and ComfyUI's), or with
+# every "." as "_" after a prefix (LyCORIS' wrapper and SimpleTuner, kohya, OneTrainer).
+DOTTED_PREFIXES = ("", "diffusion_model.", "transformer.", "unet.")
+UNDERSCORED_PREFIXES = ("lycoris_", "lora_unet_", "lora_transformer_")
+# peft's and diffusers' names for the kohya suffixes.
+SUFFIX_ALIASES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
 
 
 def adapter_file_state(groups: dict[str, dict[str, torch.Tensor]], family: Family, dtype: torch.dtype
@@ -29,8 +39,10 @@ def adapter_file_state(groups: dict[str, dict[str, torch.Tensor]], family: Famil
     return out
 
 
-def kohya_metadata(cfg: RunConfig, step: int, base_fingerprint: str, family: Family) -> dict[str, str]:
-    """kohya ``ss_*`` and modelspec keys, so other tools recognise what the file is; the family adds its own."""
+def kohya_metadata(cfg: RunConfig, step: int, base_fingerprint: str, family: Family,
+                   adapter: dict[str, str] | None = None) -> dict[str, str]:
+    """kohya ``ss_*`` and modelspec keys, so other tools recognise what the file is; the family adds its own,
+    then the adapter (``Adapter.metadata``: which algorithm the file holds)."""
     return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(cfg.adapter.rank),
@@ -52,6 +64,7 @@ def kohya_metadata(cfg: RunConfig, step: int, base_fingerprint: str, family: Fam
         "loraloom_family": family.name,
         "loraloom_config": json.dumps(cfg.to_dict()),
         **family.metadata(cfg),
+        **(adapter or {}),
     }
 
 
@@ -59,3 +72,54 @@ def write_adapter(path: Path, groups: dict[str, dict[str, torch.Tensor]], family
                   metadata: dict[str, str]) -> Path:
     atomic_save_safetensors(adapter_file_state(groups, family, dtype), path, metadata=metadata)
     return path
+
+
+def read_adapter_file(path: Path, family: Family, targets: Iterable[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """An adapter file's tensors grouped by the run's target names (``<component>.<module>``), each group keyed
+    by the kohya/LyCORIS suffixes of :data:`FILE_SUFFIXES` (the input of ``Adapter.load_export``).
+
+    A layer may be named as ``family`` exports it, or (in the denoiser) by its module path in any spelling of
+    :data:`DOTTED_PREFIXES` / :data:`UNDERSCORED_PREFIXES`. ConfigError naming the file and the key for a tensor
+    of no known suffix, a name that is no target of the run, or an underscore spelling two targets share.
+    """
+    spellings, ambiguous = _spellings(family, targets)
+    aliases = ({s: s for s in FILE_SUFFIXES} | {family.export_suffixes[s]: s for s in family.export_suffixes}
+               | SUFFIX_ALIASES)
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in read_safetensors([path], what="an adapter file").items():
+        suffix = next((s for s in sorted(aliases, key=len, reverse=True) if key.endswith(f".{s}")), None)
+        if suffix is None:
+            raise ConfigError(f"{path}: {key} is not an adapter tensor (none of the suffixes {', '.join(aliases)}); "
+                              "the file is no LoRA / LyCORIS adapter, or one of a format ComfyUI does not load")
+        layer = key[:-len(suffix) - 1]
+        if layer in ambiguous:
+            raise ConfigError(f"{path}: {layer} could name several layers of this run; rename it with dots "
+                              "(transformer.<module path>)")
+        target = spellings.get(layer)
+        if target is None:
+            raise ConfigError(
+                f"{path}: {layer} names no layer this run adapts. The file must adapt the same layers as adapter."
+                "targets (and [[adapter.blocks]]) select, named as this family exports them or by the model's "
+                "module paths (lycoris_, lora_unet_, lora_transformer_, transformer., diffusion_model. or unet.); "
+                "layers fused differently (one qkv for three projections) cannot continue here")
+        groups.setdefault(target, {})[aliases[suffix]] = value
+    if not groups:
+        raise ConfigError(f"{path}: holds no tensors")
+    return groups
+
+
+def _spellings(family: Family, targets: Iterable[str]) -> tuple[dict[str, str], set[str]]:
+    """Every name a file may give each target → the target, and the underscore spellings two targets share."""
+    found: dict[str, set[str]] = {}
+    for target in targets:
+        component, module = target.split(".", 1)
+        exported = family.export_key(component, module)
+        names = {exported}
+        if component == DENOISER:
+            for path in {module, *(exported[len(p):] for p in DOTTED_PREFIXES if p and exported.startswith(p))}:
+                names |= {p + path for p in DOTTED_PREFIXES}
+                names |= {p + path.replace(".", "_") for p in UNDERSCORED_PREFIXES}
+        for name in names:
+            found.setdefault(name, set()).add(target)
+    return ({name: next(iter(ts)) for name, ts in found.items() if len(ts) == 1},
+            {name for name, ts in found.items() if len(ts) > 1})

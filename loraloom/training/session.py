@@ -37,7 +37,7 @@ from . import adapters, checkpoint, distributed
 from .config import MODEL_FILES, ConfigError, RunConfig, config_from_dict, current_key, plain_file_name, to_toml
 from .data import split_and_sample, training_data
 from .encoders import CachedEncoders, Encoders, FamilyImageEncoder
-from .export import EXPORT_DTYPES, kohya_metadata, write_adapter
+from .export import EXPORT_DTYPES, kohya_metadata, read_adapter_file, write_adapter
 from .families import family
 from .families.base import DENOISER, Geometry
 from .metrics import MetricsLog
@@ -54,6 +54,7 @@ VALIDATION_TIMESTEPS = 4
 CHANGEABLE_ON_RESUME = ("train.steps", "train.checkpoint_every", "train.keep_checkpoints",
                         "train.keep_checkpoint_every", "train.nonfinite_patience", "train.validate_every",
                         "train.log_every", "train.gradient_checkpointing", "model.guidance_distilled",
+                        "adapter.init_from",
                         "data.images", "data.cache_dir", "data.workers", "sample.", "output.",
                         *(f"model.{name}" for name in MODEL_FILES))
 # What each rank keeps of its own: data position, noise, dropout and host RNGs. Rank 0's under these names (as
@@ -116,6 +117,7 @@ class Session:
         ``encoders``: text and/or image encoders to use instead of the family's own (see :mod:`.encoders`).
         """
         cfg = config_from_dict(cfg.to_dict())  # validated, its "auto" values resolved by the family
+        adapters.check(cfg.adapter)  # before the data and models load
         run_dir = writable_folder(cfg.output.run_dir, "output.run_dir")
         self = cls(cfg, run_dir, on_event)
         for message in self.family.warnings(cfg):
@@ -125,8 +127,11 @@ class Session:
         found = self._newest_checkpoint()
         if found:
             self._restore(*found)
-        elif self.is_main:
-            self.metrics.truncate_after(0)
+        else:
+            if cfg.adapter.init_from:
+                self._start_from_file(Path(cfg.adapter.init_from))
+            if self.is_main:
+                self.metrics.truncate_after(0)
         return self
 
     def _newest_checkpoint(self) -> tuple[Path, dict[str, bytes]] | None:
@@ -140,6 +145,22 @@ class Session:
             raise RuntimeError(f"rank {self.rank} cannot read the checkpoint {folder} that rank 0 chose: "
                                "output.run_dir must be a folder every rank sees")
         return folder, files
+
+    def _start_from_file(self, path: Path) -> None:
+        """A new run continues from the adapter file ``path`` (adapter.init_from)."""
+        try:
+            groups = read_adapter_file(path, self.family, self.adapter.targets)
+        except ValueError as e:  # the message names the file
+            raise ConfigError(f"adapter.init_from: {e}") from None
+        try:
+            self.adapter.load_export(groups)
+        except ValueError as e:
+            raise ConfigError(f"adapter.init_from = {path}: {e}") from None
+        fresh = sorted(set(self.adapter.targets) - groups.keys())
+        if fresh:
+            warnings.warn(f"adapter.init_from = {path} holds {len(groups)} of this run's {len(self.adapter.targets)} "
+                          f"adapted layers; the other {len(fresh)} (e.g. {fresh[0]}) start from adapter.init_seed",
+                          stacklevel=3)
 
     def _load_data(self, given: Encoders) -> None:
         cfg = self.cfg
@@ -358,7 +379,7 @@ class Session:
             raise ConfigError("sample.prompts is empty: add at least one prompt to make previews")
         rows = [(p, seed) for p in s.prompts for seed in s.seeds]
         columns = {name: [self.sample(p, seed, adapter=flag) for p, seed in rows]
-                   for name, flag in (("base model", False), (f"with LoRA (step {self.state.step})", True))}
+                   for name, flag in (("base model", False), (f"with the adapter (step {self.state.step})", True))}
         picture = side_by_side(columns, [f"seed {seed}: {p[:40]}" for p, seed in rows])
         path = save_png(picture, self.run_dir / "samples" / f"step-{self.state.step:08d}.png")
         self._emit({"type": "preview", "step": self.state.step, "path": str(path)})
@@ -452,7 +473,7 @@ class Session:
             raise ConfigError(f"output.name {self.cfg.output.name!r} must be a plain file name (no '/', '\\' or "
                               f"'..'): it would be written outside {self.run_dir}")
         path = Path(path) if path else self.run_dir / f"{self.cfg.output.name}.safetensors"
-        meta = kohya_metadata(self.cfg, self.state.step, self.base_fingerprint, self.family)
+        meta = kohya_metadata(self.cfg, self.state.step, self.base_fingerprint, self.family, self.adapter.metadata())
         if self.is_main:
             write_adapter(path, self.adapter.export(), self.family, EXPORT_DTYPES[dtype], meta)
         self._emit({"type": "export", "step": self.state.step, "path": str(path)})

@@ -15,6 +15,10 @@ from ..errors import ConfigError
 # adapter.algorithm -> "module:class" under this package.
 ALGORITHMS = {
     "lora": "lora:Lora",
+    "locon": "lycoris:Locon",
+    "loha": "lycoris:Loha",
+    "lokr": "lycoris:Lokr",
+    "dora": "lycoris:Dora",
 }
 
 
@@ -26,10 +30,16 @@ def algorithm(name: str) -> type:
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
 
 
+def check(settings) -> None:
+    """ConfigError for adapter settings (AdapterConfig) the algorithm cannot train; call before loading models."""
+    algorithm(settings.algorithm).check(settings)
+
+
 def attach(components: dict[str, torch.nn.Module], patterns: dict[str, str], settings, seed: int):
     """Wrap the modules of ``components`` that ``patterns`` (and ``settings.blocks``) select with the algorithm
     of ``settings``; returns the :class:`.base.Adapter`."""
     from .base import select_targets
 
     cls = algorithm(settings.algorithm)
+    cls.check(settings)
     return cls(components, select_targets(components, patterns, settings, cls.layers), settings, seed)
