@@ -258,6 +258,24 @@ def test_the_initial_adapter_changes_nothing_and_comes_from_its_seed(kit, varian
     assert all(p.requires_grad and p.dtype == torch.float32 for ps in adapter.parameters().values() for p in ps)
 
 
+@pytest.mark.parametrize("algorithm", ["locon", "loha", "lokr"])
+def test_dropout_draws_from_the_global_rng_in_training_only(kit, algorithm):
+    """The session saves and restores torch's global RNG around each step: that covers these draws."""
+    family, tiny, _, _ = kit
+    model, _, _ = attached(family, tiny, algorithm, preset="attention", dropout=0.5)
+    trained_like(model)
+    x, t, text, geometry = model_inputs(family, tiny)
+
+    def run(seed: int | None, training: bool) -> torch.Tensor:
+        if seed is not None:
+            torch.manual_seed(seed)
+        with torch.no_grad():
+            return family.predict(model.train(training), x, t, text, geometry, 1.0)
+    assert torch.equal(run(0, True), run(0, True))
+    assert not torch.equal(run(0, True), run(1, True))
+    assert torch.equal(run(0, False), run(1, False))
+
+
 def test_options_an_algorithm_ignores_are_refused():
     for values, message in [({"algorithm": "loha", "full_matrix": True}, r"adapter\.full_matrix = True does not "
                              r"apply to adapter\.algorithm = 'loha'"),
@@ -491,6 +509,27 @@ def test_session_names_the_file_and_refuses_foreign_layers_and_output_axis_dora(
         _saved(tmp_path / "f.safetensors", tensors)
         with pytest.raises(ConfigError, match=message):
             Session.open(session_config(kit, tmp_path / "run", shapes_folder, **run))
+
+
+def test_init_from_is_relative_to_the_config_and_read_when_a_run_starts_never_on_resume(kit, tmp_path,
+                                                                                        shapes_folder):
+    from loraloom.training.config import load_config
+
+    first = Session.open(session_config(kit, tmp_path / "first", shapes_folder, adapter=adapter_section("lokr")))
+    first.step(2)
+    first.export(tmp_path / "start.safetensors", dtype="fp32")
+    cfg = session_config(kit, tmp_path / "second", shapes_folder, adapter=adapter_section(
+        "lokr", init_from="start.safetensors"), train={"steps": 3, "checkpoint_every": 1})
+    (tmp_path / "second.toml").write_text(to_toml(cfg).replace(f'init_from = "{tmp_path}/', 'init_from = "'))
+    cfg = load_config(tmp_path / "second.toml")
+    assert cfg.adapter.init_from == str(tmp_path / "start.safetensors")
+    second = Session.open(cfg)
+    second.step(1)
+    state = second.adapter.state()
+    (tmp_path / "start.safetensors").unlink()  # a resume never reads it
+    resumed = Session.open(cfg)
+    assert resumed.state.step == 1
+    assert all(torch.equal(v, resumed.adapter.state()[k]) for k, v in state.items())
 
 
 # ---------------------------------------------------------------- training
