@@ -327,6 +327,8 @@ def test_lokr_example_trains_and_the_stock_loader_applies_every_key(comfy):
                                   total_steps=2, steps_per_queue=2)
     adapter = prompt[node_of(prompt, "LoraLoomAdapter")]["inputs"]
     assert adapter["algorithm"] == "lokr" and adapter["full_matrix"] and adapter["factor"] == 8
+    # Full matrices start at zero and are not scaled up by alpha / rank: two steps need a larger lr to show.
+    prompt[node_of(prompt, "LoraLoomOptimizer")]["inputs"]["lr"] = 0.05
     log_before = len(comfy.log_text())
     entry = comfy.wait(comfy.queue(prompt))
     assert_succeeded(entry, comfy)
