@@ -1,5 +1,6 @@
-"""Adapter → a .safetensors file the stock ComfyUI LoraLoader and diffusers both read, and such a file (ours or
-another trainer's) back to the adapter's targets, to continue training from it."""
+"""Adapter → a .safetensors file the stock ComfyUI LoraLoader and diffusers both read; a whole-model adapter →
+the model as one file in the family's native layout, plus a diff patch for the LoraLoader. And an adapter file
+(ours or another trainer's) back to the adapter's targets, to continue training from it or merge it."""
 
 from __future__ import annotations
 
@@ -11,12 +12,16 @@ from pathlib import Path
 import torch
 
 from ..loaders.files import atomic_save_safetensors, read_safetensors
-from .adapters.base import FILE_SUFFIXES
+from .adapters.base import FILE_SUFFIXES, Adapter
 from .config import RunConfig
 from .errors import ConfigError
 from .families.base import DENOISER, Family
 
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# ComfyUI's patch loader reads "diffusion_model.<key of the native file>" for every model (its generic format:
+# comfy/lora.py model_lora_keys_unet), fused tensors included; a key ending in .weight takes <stem>.diff and its
+# bias <stem>.diff_b, any other key <key>.diff.
+COMFY_MODEL_PREFIX = "diffusion_model."
 # How other trainers spell a denoiser module's path: dotted under a prefix (diffusers' and ComfyUI's), or with
 # every "." as "_" after a prefix (LyCORIS' wrapper and SimpleTuner, kohya, OneTrainer).
 DOTTED_PREFIXES = ("", "diffusion_model.", "transformer.", "unet.")
@@ -75,36 +80,47 @@ def write_adapter(path: Path, groups: dict[str, dict[str, torch.Tensor]], family
 
 
 def read_adapter_file(path: Path, family: Family, targets: Iterable[str]) -> dict[str, dict[str, torch.Tensor]]:
-    """An adapter file's tensors grouped by the run's target names (``<component>.<module>``), each group keyed
-    by the kohya/LyCORIS suffixes of :data:`FILE_SUFFIXES` (the input of ``Adapter.load_export``).
+    """The adapter file at ``path`` by target (:func:`adapter_groups`); ConfigError naming the file otherwise."""
+    tensors = read_safetensors([path], what="an adapter file")
+    if not tensors:
+        raise ConfigError(f"{path}: holds no tensors")
+    try:
+        return adapter_groups(tensors, family, targets)
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def adapter_groups(file_state: dict[str, torch.Tensor], family: Family, targets: Iterable[str]
+                   ) -> dict[str, dict[str, torch.Tensor]]:
+    """The inverse of :func:`adapter_file_state`: a file's tensors grouped by the run's target names
+    (``targets``: ``<component>.<module>``), each group keyed by the kohya/LyCORIS suffixes of
+    :data:`FILE_SUFFIXES` (the input of ``Adapter.load_export``).
 
     A layer may be named as ``family`` exports it, or (in the denoiser) by its module path in any spelling of
-    :data:`DOTTED_PREFIXES` / :data:`UNDERSCORED_PREFIXES`. ConfigError naming the file and the key for a tensor
-    of no known suffix, a name that is no target of the run, or an underscore spelling two targets share.
+    :data:`DOTTED_PREFIXES` / :data:`UNDERSCORED_PREFIXES`, with kohya or peft suffixes. ValueError naming the key
+    for a tensor of no known suffix, a name that is no target, or an underscore spelling two targets share.
     """
     spellings, ambiguous = _spellings(family, targets)
     aliases = ({s: s for s in FILE_SUFFIXES} | {family.export_suffixes[s]: s for s in family.export_suffixes}
                | SUFFIX_ALIASES)
     groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in read_safetensors([path], what="an adapter file").items():
+    for key, value in file_state.items():
         suffix = next((s for s in sorted(aliases, key=len, reverse=True) if key.endswith(f".{s}")), None)
         if suffix is None:
-            raise ConfigError(f"{path}: {key} is not an adapter tensor (none of the suffixes {', '.join(aliases)}); "
-                              "the file is no LoRA / LyCORIS adapter, or one of a format ComfyUI does not load")
+            raise ValueError(f"{key} is not an adapter tensor (none of the suffixes {', '.join(aliases)}); the file "
+                             "is no LoRA / LyCORIS adapter, or one of a format ComfyUI does not load")
         layer = key[:-len(suffix) - 1]
         if layer in ambiguous:
-            raise ConfigError(f"{path}: {layer} could name several layers of this run; rename it with dots "
-                              "(transformer.<module path>)")
+            raise ValueError(f"{layer} could name several layers of this run; rename it with dots "
+                             "(transformer.<module path>)")
         target = spellings.get(layer)
         if target is None:
-            raise ConfigError(
-                f"{path}: {layer} names no layer this run adapts. The file must adapt the same layers as adapter."
-                "targets (and [[adapter.blocks]]) select, named as this family exports them or by the model's "
-                "module paths (lycoris_, lora_unet_, lora_transformer_, transformer., diffusion_model. or unet.); "
-                "layers fused differently (one qkv for three projections) cannot continue here")
+            raise ValueError(
+                f"{layer} names no layer this run adapts. The file must adapt the same layers as adapter.targets "
+                "(and [[adapter.blocks]]) select, named as this family exports them or by the model's module paths "
+                "(lycoris_, lora_unet_, lora_transformer_, transformer., diffusion_model. or unet.); layers fused "
+                "differently (one qkv for three projections) cannot continue here")
         groups.setdefault(target, {})[aliases[suffix]] = value
-    if not groups:
-        raise ConfigError(f"{path}: holds no tensors")
     return groups
 
 
@@ -123,3 +139,70 @@ def _spellings(family: Family, targets: Iterable[str]) -> tuple[dict[str, str], 
             found.setdefault(name, set()).add(target)
     return ({name: next(iter(ts)) for name, ts in found.items() if len(ts) == 1},
             {name for name, ts in found.items() if len(ts) > 1})
+
+
+def companion(path: Path, tag: str) -> Path:
+    """The file written beside ``path`` for ``tag``: ``<stem>-<tag>.safetensors``."""
+    return path.with_name(f"{path.stem}-{tag}{path.suffix}")
+
+
+def model_state(denoiser: torch.nn.Module, adapter: Adapter) -> dict[str, torch.Tensor]:
+    """The whole denoiser as a whole-model adapter trained it: its state dict (module names as loaded) with the
+    trained tensors."""
+    state = dict(denoiser.state_dict())
+    state.update({name.split(".", 1)[1]: value for name, value in adapter.trained_weights().items()
+                  if name.startswith(f"{DENOISER}.")})
+    return state
+
+
+def write_model(path: Path, state: dict[str, torch.Tensor], family: Family, dtype: torch.dtype,
+                metadata: dict[str, str]) -> Path:
+    """A denoiser state dict (module names as loaded) as one file in the family's native layout, the one ComfyUI's
+    ``diffusion_models`` loader reads; floating tensors in ``dtype``."""
+    native = family.native_state_dict(state)
+    atomic_save_safetensors({k: v.to(dtype) if v.is_floating_point() else v for k, v in native.items()}, path,
+                            metadata=metadata)
+    return path
+
+
+def patch_file_state(diffs: dict[str, torch.Tensor], shapes: dict[str, torch.Tensor], family: Family,
+                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Differences of denoiser tensors (``<module>.weight`` / ``.bias`` → trained − base) as ComfyUI diff patch
+    keys over the native layout (see :data:`COMFY_MODEL_PREFIX`); tensors without a difference are left out.
+
+    ``shapes``: the denoiser's state dict (only the shapes are read): the native conversion needs every tensor,
+    and fused native tensors (a qkv projection) get the differences of all their parts. This is why whole-model patches
+    use native names: ComfyUI applies a diffusers name that is a slice of a fused tensor to the weight, but drops
+    its ``diff_b``.
+    """
+    zero = torch.zeros((), dtype=torch.float32)
+    full = {key: diffs[key].float() if key in diffs else zero.expand(value.shape) for key, value in shapes.items()}
+    native = family.native_state_dict(full)
+    out = {}
+    for key, value in native.items():
+        if not torch.count_nonzero(value):
+            continue
+        stem, kind = key.rsplit(".", 1)
+        name = {"weight": f"{stem}.diff", "bias": f"{stem}.diff_b"}.get(kind, f"{key}.diff")
+        if kind == "bias" and f"{stem}.weight" not in native:
+            name = f"{key}.diff"
+        out[COMFY_MODEL_PREFIX + name] = value.to(dtype)
+    return out
+
+
+def write_exports(path: Path, adapter: Adapter, denoiser: torch.nn.Module, family: Family, dtype: torch.dtype,
+                  metadata: dict[str, str]) -> list[Path]:
+    """What a run exports at ``path``: the adapter file, or for a whole-model adapter the diff patch there (the
+    LoraLoader and Apply use it as any adapter) and the whole model as ``<stem>-model.safetensors``."""
+    groups = adapter.export()
+    if not adapter.whole_model:
+        return [write_adapter(path, groups, family, dtype, metadata)]
+    diffs = {f"{target.split('.', 1)[1]}.{'weight' if suffix == 'diff' else 'bias'}": value
+             for target, tensors in groups.items() if target.startswith(f"{DENOISER}.")
+             for suffix, value in tensors.items()}
+    others = {target: tensors for target, tensors in groups.items() if not target.startswith(f"{DENOISER}.")}
+    patch = {**patch_file_state(diffs, denoiser.state_dict(), family, dtype),
+             **adapter_file_state(others, family, dtype)}
+    atomic_save_safetensors(patch, path, metadata=metadata)
+    model_meta = {**metadata, "modelspec.architecture": family.architecture}
+    return [path, write_model(companion(path, "model"), model_state(denoiser, adapter), family, dtype, model_meta)]

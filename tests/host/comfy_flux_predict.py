@@ -1,9 +1,10 @@
 """Run inside a ComfyUI environment: load a Flux file and adapter files with ComfyUI's own code, predict, report.
 
 Usage: python comfy_flux_predict.py COMFYUI_PATH BASE.safetensors INPUTS.safetensors OUT.safetensors LORA...
-OUT gets ``pred_<i>`` for the i-th adapter file, each applied alone at strength 1. Prints one JSON line: per file,
-the keys ComfyUI did not load and the errors its adapter code logged (it logs and leaves the layer unpatched);
-and the detected model class.
+BASE is loaded as UNETLoader loads a diffusion_models file. OUT gets ``pred_<i>`` for the i-th adapter file,
+each applied alone at strength 1 ("-": BASE alone). Prints one JSON line: per file, the keys ComfyUI did not load
+and the errors its adapter code logged (it logs them and leaves the layer unpatched); and the detected model
+class.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def main() -> None:
     preds, reports = {}, []
     for i, lora in enumerate(loras):
         capture.messages.clear()
-        lora_patcher, _ = comfy.sd.load_lora_for_models(patcher, None, comfy.utils.load_torch_file(lora), 1.0, 0)
+        lora_patcher = patcher if lora == "-" else comfy.sd.load_lora_for_models(
+            patcher, None, comfy.utils.load_torch_file(lora), 1.0, 0)[0]
         mm.load_models_gpu([lora_patcher])
         with torch.no_grad():
             pred = lora_patcher.model.diffusion_model(x["x"], x["t"], x["context"], x["y"], x["guidance"])

@@ -19,7 +19,11 @@ ALGORITHMS = {
     "loha": "lycoris:Loha",
     "lokr": "lycoris:Lokr",
     "dora": "lycoris:Dora",
+    "full": "full:Full",
 }
+# The algorithms whose class says ``whole_model`` (they train the model's own weights), known without importing
+# them: the config refuses float8 / 4-bit bases for them. tests/test_full.py checks it against the classes.
+WHOLE_MODEL = frozenset({"full"})
 
 
 def algorithm(name: str) -> type:

@@ -20,8 +20,8 @@ Exports are the factors as lycoris holds them, which stock ComfyUI applies exact
 factor is stored decomposed and by 1 otherwise (lycoris then stores alpha = rank), the same rule in both tools;
 DoRA's ``dora_scale`` (1, in) is normalised by the merged weight per input column in both. The exception is
 LoKr's Tucker factor ``lokr_t2``, which ComfyUI 0.3.64 cannot apply (``torch.kron`` of a non-contiguous tensor;
-the layer is left unpatched): it is written in the plain layout of the same rank. Exports never go through
-lycoris' merged weights: LoHa's and LoKr's ``get_diff_weight`` apply the scale twice.
+the layer is left unpatched): it is written in the plain layout of the same rank. Exports and merges never go
+through lycoris' merged weights: LoHa's and LoKr's ``get_diff_weight`` apply the scale twice.
 """
 
 from __future__ import annotations
@@ -163,6 +163,22 @@ class LycorisAdapter(Adapter):
                 module.apply_to()
             self.enabled = True
 
+    @torch.no_grad()
+    def trained_weights(self) -> dict[str, torch.Tensor]:
+        """``<target>.weight``: the base weight (dequantised, float32) plus ΔW from the factors, and for DoRA that
+        sum renormalised per input column by the trained magnitude."""
+        weights = {}
+        for name, module in self.modules.items():
+            merged = base_weight(self.targets[name].module) + self.delta(module).float()
+            if self.decompose_weight:
+                merged = module.apply_weight_decompose(merged, 1.0)
+            weights[f"{name}.weight"] = merged
+        return weights
+
+    def delta(self, module: LycorisBaseModule) -> torch.Tensor:
+        """ΔW (out, in[, k...]) of one module, scale included, as its forward applies it."""
+        return module.get_weight(module.shape)  # LoHa's and LoKr's: already scaled
+
     # ------------------------------------------------------------ files
 
     def export(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -228,6 +244,9 @@ class Locon(LycorisAdapter):
     module_class = _LoCon
     accepts = ("lora",)
     kohya_algo = "locon"
+
+    def delta(self, module: LycorisBaseModule) -> torch.Tensor:
+        return module.make_weight().view(module.shape) * module.scale
 
     def explain_misfit(self, name: str, target: Target, module: LycorisBaseModule,
                        tensors: dict[str, torch.Tensor]) -> None:
