@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from loraloom.loaders.dataset import Geometry
 from loraloom.training import adapters
-from loraloom.training.adapters import ALGORITHMS
+from loraloom.training.adapters import ALGORITHMS, WHOLE_MODEL
 from loraloom.training.adapters.base import LAYERS
 from loraloom.training.config import (
     MODEL_FILES,
@@ -193,7 +193,9 @@ def family_names(family, model: torch.nn.Module) -> tuple[dict[str, str], dict[s
 
 
 def test_every_algorithm_is_tested_and_documented():
-    assert {v["algorithm"] for v in VARIANTS.values()} == set(ALGORITHMS)
+    """Every delta algorithm runs through this file; whole-model ones (their files are the model and a patch over
+    its native names) through tests/test_full.py."""
+    assert {v["algorithm"] for v in VARIANTS.values()} == set(ALGORITHMS) - WHOLE_MODEL
     doc = {f.name: f.metadata["doc"] for f in dataclasses.fields(AdapterConfig)}["algorithm"]
     readme = (REPO / "README.md").read_text()
     for name in ALGORITHMS:
@@ -553,10 +555,27 @@ def test_init_from_is_relative_to_the_config_and_read_when_a_run_starts_never_on
     assert all(torch.equal(v, resumed.adapter.state()[k]) for k, v in state.items())
 
 
+@pytest.mark.parametrize("variant", ["lokr_full_matrix", "dora"])
+def test_loraloom_merge_folds_the_exported_file_into_the_base(kit, variant, tmp_path, shapes_folder):
+    from loraloom.training.tools import merge
+
+    family, tiny, files, _ = kit
+    session = Session.open(session_config(kit, tmp_path / "run", shapes_folder, adapter=adapter_section(variant)))
+    trained_like(session.denoiser)
+    out = merge(Path(files["diffusion_model"]), session.export(dtype="fp32"), tmp_path / "merged.safetensors",
+                dtype="fp32")
+    merged = family.load_denoiser(dataclasses.replace(session.cfg.model, diffusion_model=str(out)), torch.float32,
+                                  keep_float8=False)
+    x, t, text, geometry = inputs = model_inputs(family, tiny)
+    ours = session.predict(x, t, text, 1.0, geometry=geometry)
+    assert relative(ours, session.predict(x, t, text, 1.0, adapter=False, geometry=geometry)) > 1e-2
+    assert relative(predict(family, merged, inputs), ours) < 1e-4
+
+
 # ---------------------------------------------------------------- training
 
 
-@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+@pytest.mark.parametrize("algorithm", sorted(set(ALGORITHMS) - WHOLE_MODEL))
 def test_a_short_run_lowers_the_validation_loss(kit, algorithm, tmp_path, shapes_folder):
     cfg = session_config(kit, tmp_path / "run", shapes_folder, adapter=adapter_section(
         algorithm, rank=8, alpha=8.0, targets="attention_mlp" if "attention_mlp" in kit[0].targets else "attention"),

@@ -130,7 +130,7 @@ class AdapterConfig:
         "What is trained: one of the registered adapter algorithms (the README's Adapters section lists them): "
         "lora (peft, linear layers), locon (LoRA on linear and convolution layers), loha (Hadamard product of "
         "two low-rank products), lokr (Kronecker product), dora (LoRA with the weight's magnitude per input "
-        "column trained apart).", "lora")
+        "column trained apart), full (the layers' own weights: a full fine-tune).", "lora")
     rank: int = doc("Rank of the adapter's low-rank factors.", 16)
     alpha: float = doc("Alpha; the update is scaled by alpha / rank (lokr: only where a factor is a low-rank "
                        "product, see full_matrix).", 16.0)
