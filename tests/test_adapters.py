@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import re
 from pathlib import Path
 
@@ -441,28 +442,10 @@ def test_export_then_continue_from_the_file_gives_the_same_weights(kit, variant,
     assert second.step(1)[0]["loss"] is not None  # and it trains on
 
 
-def other_spellings(family, file: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """The file with its layers named as other trainers name a module path (peft suffixes too)."""
-    exported = {family.export_key(DENOISER, m): m for m in family_modules(family)}
-    out = {}
-    spell = [lambda p: "lycoris_" + p.replace(".", "_"), lambda p: "lora_unet_" + p.replace(".", "_"),
-             lambda p: "lora_transformer_" + p.replace(".", "_"), lambda p: "transformer." + p,
-             lambda p: "diffusion_model." + p, lambda p: "unet." + p]
-    for i, f in enumerate(spell):
-        renamed = {}
-        for key, value in file.items():
-            layer = next(n for n in sorted(exported, key=len, reverse=True) if key.startswith(n + "."))
-            suffix = key[len(layer) + 1:]
-            suffix = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}.get(suffix, suffix) \
-                if i % 2 else suffix
-            renamed[f"{f(exported[layer])}.{suffix}"] = value
-        out[f(exported[next(iter(exported))])] = renamed
-    return out
-
-
-def family_modules(family) -> list[str]:
-    model = family.tiny(seed=0).denoiser
-    return [n for n, m in model.named_modules() if isinstance(m, LAYERS)]
+# How other trainers name a module path: LyCORIS' wrapper and SimpleTuner, kohya, OneTrainer, diffusers / ai-toolkit.
+SPELLINGS = {"lycoris_": "_", "lora_unet_": "_", "lora_transformer_": "_", "transformer.": ".",
+             "diffusion_model.": ".", "unet.": "."}  # prefix -> what joins the path's parts
+PEFT_SUFFIXES = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}
 
 
 @pytest.mark.parametrize("variant", ["lora", "lokr", "dora"])
@@ -470,14 +453,18 @@ def test_files_of_other_trainers_are_read_under_their_names(kit, variant, tmp_pa
     family, tiny, _, _ = kit
     model, _, adapter = attached(family, tiny, variant)
     trained_like(model)
-    file = adapter_file_state(adapter.export(), family, torch.float32)
-    ours = read_adapter_file(_saved(tmp_path / "ours.safetensors", file), family, adapter.targets)
+    exported = adapter.export()
+    file = _saved(tmp_path / "ours.safetensors", adapter_file_state(exported, family, torch.float32))
+    ours = read_adapter_file(file, family, adapter.targets)
     assert ours.keys() == adapter.targets.keys()
-    for spelling, renamed in other_spellings(family, file).items():
+    for (prefix, joint), peft in itertools.product(SPELLINGS.items(), (False, True)):
+        suffixes = PEFT_SUFFIXES if peft else {}
+        renamed = {f"{prefix}{target.split('.', 1)[1].replace('.', joint)}.{suffixes.get(s, s)}": value
+                   for target, tensors in exported.items() for s, value in tensors.items()}
         theirs = read_adapter_file(_saved(tmp_path / "theirs.safetensors", renamed), family, adapter.targets)
-        assert theirs.keys() == ours.keys(), spelling
+        assert theirs.keys() == ours.keys(), prefix
         assert all(theirs[n].keys() == ours[n].keys() and all(torch.equal(theirs[n][s], ours[n][s]) for s in ours[n])
-                   for n in ours), spelling
+                   for n in ours), (prefix, peft)
 
 
 def _saved(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
