@@ -41,7 +41,9 @@ def _context() -> multiprocessing.context.BaseContext:
     """The fork server, started with the fault plan and one thread per child (tiny steps on a shared
     machine are 100x slower with two); this process's own environment is left as it was."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["loraloom.training.cli", "loraloom.training.session"])
+    # The adapter modules too: peft and lycoris-lora take seconds to import, in every attempt otherwise.
+    ctx.set_forkserver_preload(["loraloom.training.cli", "loraloom.training.session", "loraloom.training.adapters.lora",
+                                "loraloom.training.adapters.lycoris"])
     _PLAN.write_text("")
     env = {checkpoint.FAULT_PLAN_ENV: str(_PLAN), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     saved = {key: os.environ.get(key) for key in env}

@@ -96,10 +96,11 @@ def real_width_with_lora():
     return build_real_width_with_lora
 
 
-def build_real_width_with_lora(folder: Path, alpha: float, seed: int = 0):
+def build_real_width_with_lora(folder: Path, alpha: float, seed: int = 0, settings=None, std: float = 0.02):
     """A real-width Flux (3072 hidden, 4096 context, 768 pooled; 1 + 1 blocks) written in the BFL layout,
-    loaded back in fp32 with a rank-4 LoRA on every linear layer whose A and B are both random (as after
-    training), and that LoRA exported. Returns (files, model, adapter, lora_path)."""
+    loaded back in fp32 with an adapter on every linear layer (``settings``: an AdapterConfig, by default a
+    rank-4 LoRA of this alpha) whose every trainable tensor is random (factors N(0, std); a DoRA magnitude ±10%
+    around its start), as after training, and that adapter exported. Returns (files, model, adapter, path)."""
     import torch
 
     from loraloom.training import adapters
@@ -111,10 +112,12 @@ def build_real_width_with_lora(folder: Path, alpha: float, seed: int = 0):
     files = FLUX.write_tiny(FLUX.tiny(seed=seed, real_width=True), folder / "models", diffusers=False)
     model = flux.load_transformer(files["diffusion_model"], torch.float32)
     adapter = adapters.attach({DENOISER: model}, {DENOISER: flux.TARGETS["all_linear"]},
-                              AdapterConfig(rank=4, alpha=alpha), seed=0)
+                              settings or AdapterConfig(rank=4, alpha=alpha), seed=0)
     with torch.no_grad():
         g = torch.Generator().manual_seed(seed)
-        for p in adapter.parameters()[DENOISER]:
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                noise = torch.randn(p.shape, generator=g)
+                p.copy_(p * (1 + 0.1 * noise) if name.endswith("dora_scale") else noise * std)
     lora_path = write_adapter(folder / "lora.safetensors", adapter.export(), FLUX, torch.float32, {})
     return files, model, adapter, lora_path

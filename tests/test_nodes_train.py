@@ -395,3 +395,25 @@ def test_comfyui_clip_pads_and_cuts_t5_input_as_the_engine_does(graph):
         expected = flux.encode_prompts(encoders, [text])
         assert got["t5"].shape == (16, 64)
         assert torch.equal(got["t5"], expected["t5"][0]) and torch.equal(got["pooled"], expected["pooled"][0])
+
+
+def test_adapter_node_offers_every_algorithm_and_continues_from_a_file_of_the_loras_folder(comfy, graph, monkeypatch):
+    from loraloom.training.adapters import ALGORITHMS
+
+    first, lora, _ = train({**graph, "adapter": AdapterSettings().build(
+        4, 4.0, 0.0, "attention", 0, algorithm="lokr", factor=4, full_matrix=True)[0]}, "lokr", total_steps=2)
+    assert any(k.endswith(".lokr_w2") for k in lora)  # a full-matrix LoKr, trained through the nodes
+    comfy.loras.mkdir(parents=True, exist_ok=True)
+    (comfy.loras / "mine.safetensors").write_bytes(first.adapter_file.read_bytes())
+    monkeypatch.setattr(host, "folder_files", lambda folder: {"loras": ["mine.safetensors"]}[folder])
+    monkeypatch.setattr(host, "model_path", lambda folder, name: {"loras": comfy.loras}[folder] / name)
+    inputs = AdapterSettings.INPUT_TYPES()["optional"]
+    assert inputs["algorithm"][0] == list(ALGORITHMS)
+    assert {"factor", "full_matrix", "decompose_both", "tucker"} <= inputs.keys()
+    assert inputs["init_from"][0] == [AdapterSettings.NO_FILE, "mine.safetensors"]
+    adapter = AdapterSettings().build(4, 4.0, 0.0, "attention", 0, algorithm="lokr", factor=4, full_matrix=True,
+                                      init_from="mine.safetensors")[0]
+    assert adapter.init_from == str(comfy.loras / "mine.safetensors") and adapter.full_matrix
+    assert AdapterSettings().build(4, 4.0, 0.0, "attention", 0)[0].init_from == ""
+    again, _, _ = train({**graph, "adapter": adapter}, "lokr-continued", total_steps=3, steps_per_queue=1)
+    assert again.step == 1  # a new run, started from the file and trained one step on

@@ -24,7 +24,7 @@ NODES = {
     "LoraLoomCaptionShuffle": (CaptionShuffle, "Caption shuffle / dropout"),
     "LoraLoomCaptionAffixes": (CaptionAffixes, "Caption prefix / suffix"),
     "LoraLoomCaptionFormat": (CaptionFormat, "Caption format"),
-    "LoraLoomAdapter": (AdapterSettings, "Adapter settings (LoRA)"),
+    "LoraLoomAdapter": (AdapterSettings, "Adapter settings"),
     "LoraLoomOptimizer": (OptimizerSettings, "Optimizer settings"),
     "LoraLoomTrainSteps": (TrainSteps, "Train steps"),
     "LoraLoomExportAdapter": (ExportAdapter, "Export adapter to loras"),

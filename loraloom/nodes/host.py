@@ -37,6 +37,13 @@ def model_choices(folder: str) -> list[str]:
     return folder_paths.get_filename_list(folder) + bundles
 
 
+def folder_files(folder: str) -> list[str]:
+    """The files of a ComfyUI model folder (``loras``, ...), as its lists name them."""
+    import folder_paths
+
+    return folder_paths.get_filename_list(folder)
+
+
 def model_path(folder: str, name: str) -> Path:
     """The file behind a :func:`model_choices` entry."""
     import folder_paths

@@ -147,11 +147,14 @@ def _preview(data: DataConfig, samples: int) -> str:
 
 
 class AdapterSettings:
-    DESCRIPTION = "What is trained: the adapter algorithm, its rank and alpha, and which layers get one."
+    DESCRIPTION = ("What is trained: the adapter algorithm and its settings (each input's tooltip says which "
+                   "algorithms read it), which layers get one, and optionally an adapter file from the loras folder "
+                   "to continue training from.")
     CATEGORY = f"{CATEGORY}/setup"
     RETURN_TYPES = ("LORALOOM_ADAPTER",)
     RETURN_NAMES = ("adapter",)
     FUNCTION = "build"
+    NO_FILE = "(none)"  # the init_from choice that starts from the seed
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -166,12 +169,21 @@ class AdapterSettings:
             "algorithm": (list(ALGORITHMS), {"default": AdapterConfig().algorithm,
                                              "tooltip": field_doc(AdapterConfig, "algorithm")}),
             "factor": widget(AdapterConfig, "factor", min=-1, max=1024),
+            "full_matrix": widget(AdapterConfig, "full_matrix"),
+            "decompose_both": widget(AdapterConfig, "decompose_both"),
+            "tucker": widget(AdapterConfig, "tucker"),
+            "init_from": ([cls.NO_FILE, *host.folder_files("loras")], {
+                "default": cls.NO_FILE, "tooltip": field_doc(AdapterConfig, "init_from")}),
         }}
 
     def build(self, rank: int, alpha: float, dropout: float, targets: str, init_seed: int,
-              algorithm: str = AdapterConfig.algorithm, factor: int = AdapterConfig.factor) -> tuple[AdapterConfig]:
+              algorithm: str = AdapterConfig.algorithm, factor: int = AdapterConfig.factor,
+              full_matrix: bool = AdapterConfig.full_matrix, decompose_both: bool = AdapterConfig.decompose_both,
+              tucker: bool = AdapterConfig.tucker, init_from: str = NO_FILE) -> tuple[AdapterConfig]:
+        path = "" if init_from == self.NO_FILE else str(host.model_path("loras", init_from))
         return (AdapterConfig(algorithm=algorithm, rank=rank, alpha=alpha, dropout=dropout, targets=targets,
-                              factor=factor, init_seed=init_seed),)
+                              factor=factor, full_matrix=full_matrix, decompose_both=decompose_both, tucker=tucker,
+                              init_seed=init_seed, init_from=path),)
 
 
 class OptimizerSettings:

@@ -122,26 +122,50 @@ class BlockSettings:
                        "'diffusion_model\\.transformer_blocks\\.[0-4]\\..*').", "")
     rank: int = doc("Rank of the matched targets (-1: adapter.rank; 0: leave them out).", -1)
     alpha: float = doc("Alpha of the matched targets (0: adapter.alpha).", 0.0)
-    factor: int = doc("Kronecker factor of the matched targets (0: adapter.factor).", 0)
+    factor: int = doc("lokr: Kronecker factor of the matched targets (0: adapter.factor; -1: as square as "
+                      "possible).", 0)
 
 
 @dataclass(frozen=True)
 class AdapterConfig:
     algorithm: str = doc(
-        "What is trained: one of the registered adapter algorithms (the README's Adapters section lists them).",
-        "lora")
+        "What is trained: one of the registered adapter algorithms (the README's Adapters section lists them): "
+        "lora (peft, linear layers), locon (LoRA on linear and convolution layers), loha (Hadamard product of "
+        "two low-rank products), lokr (Kronecker product), dora (LoRA with the weight's magnitude per input "
+        "column trained apart), full (the layers' own weights: a full fine-tune).", "lora")
     rank: int = doc("Rank of the adapter's low-rank factors.", 16)
-    alpha: float = doc("Alpha; the update is scaled by alpha / rank.", 16.0)
-    dropout: float = doc("Dropout probability of the adapter's input.", 0.0)
+    alpha: float = doc("Alpha; the update is scaled by alpha / rank (lokr: only where a factor is a low-rank "
+                       "product, see full_matrix).", 16.0)
+    dropout: float = doc(
+        "Dropout probability in the adapter: lora drops features of its input, locon / loha / lokr drop its "
+        "output; dora has none (leave it at 0).", 0.0)
     targets: str = doc(
         "Which layers get an adapter: one of the family's presets (attention, attention_mlp, all_linear, ...).",
         "attention_mlp",
     )
-    factor: int = doc("Kronecker factor of Kronecker-product adapters (-1: as square as possible).", -1)
+    factor: int = doc(
+        "lokr: how each side of a weight is split into the two Kronecker factors: the smaller part is this "
+        "factor where it divides the side (Kohaku XL used 2 to 8), -1: as square as possible.", -1)
+    full_matrix: bool = doc(
+        "lokr: train both Kronecker factors as full matrices, as Kohaku XL did; rank and alpha are then unused and "
+        "the update is not scaled. Off: the larger factor is a rank-`rank` product scaled by alpha / rank (a full "
+        "matrix too where rank reaches half its size).", False)
+    decompose_both: bool = doc(
+        "lokr: also store the smaller Kronecker factor as a rank-`rank` product (where rank is under half its "
+        "size). Not with full_matrix.", False)
+    tucker: bool = doc(
+        "locon / loha / lokr on convolutions with a kernel over 1x1: factor the kernel Tucker-style (a rank x rank "
+        "core per kernel position) instead of folding it into the input side. Linear layers are unaffected.", False)
     blocks: tuple[BlockSettings, ...] = doc(
         "Per-block settings ([[adapter.blocks]] tables): the first whose pattern matches a target sets its rank, "
         "alpha and factor.", ())
     init_seed: int = doc("Seed of the adapter's initial weights.", 0)
+    init_from: str = doc(
+        "An adapter file to continue training from (.safetensors; ours, or a kohya / LyCORIS file of another "
+        "trainer with the same layers): read when a new run starts, never on resume. Its algorithm, rank, alpha "
+        "and factor must be this run's; its layer names may be the family's export names, or the model's own "
+        "module names in the spellings other trainers use (lycoris_..., lora_unet_..., lora_transformer_..., "
+        "transformer. / diffusion_model. / unet. ...). Empty: start from init_seed.", "")
 
 
 @dataclass(frozen=True)
@@ -258,6 +282,7 @@ MODEL_FILES = ("diffusion_model", "text_encoder", "text_encoder_2", "tokenizer",
 PATH_FIELDS = {
     "model": MODEL_FILES,
     "data": ("images", "cache_dir"),
+    "adapter": ("init_from",),
     "output": ("run_dir",),
 }
 SOURCE_PATH_FIELDS = ("path", "image_root")
@@ -330,10 +355,12 @@ def _check_values(cfg: RunConfig) -> None:
         ("adapter.alpha", cfg.adapter.alpha > 0, "must be positive"),
         ("adapter.dropout", 0 <= cfg.adapter.dropout < 1, "must be in [0, 1)"),
         ("adapter.algorithm", cfg.adapter.algorithm in ALGORITHMS, f"must be one of {sorted(ALGORITHMS)}"),
+        ("adapter.factor", cfg.adapter.factor == -1 or cfg.adapter.factor >= 1, "must be -1 or at least 1"),
         *(check for i, block in enumerate(cfg.adapter.blocks) for check in (
             (f"adapter.blocks[{i}].pattern", _is_regex(block.pattern), "must be a regular expression"),
             (f"adapter.blocks[{i}].rank", block.rank >= -1, "must be >= -1"),
-            (f"adapter.blocks[{i}].alpha", block.alpha >= 0, "must be >= 0"))),
+            (f"adapter.blocks[{i}].alpha", block.alpha >= 0, "must be >= 0"),
+            (f"adapter.blocks[{i}].factor", block.factor >= -1, "must be >= -1"))),
         ("optimizer.lr", cfg.optimizer.lr > 0, "must be positive"),
         ("optimizer.warmup_steps", cfg.optimizer.warmup_steps >= 0, "must be >= 0"),
         ("train.steps", cfg.train.steps >= 1, "must be at least 1"),

@@ -1,17 +1,20 @@
 """Adapter → a .safetensors file the stock ComfyUI LoraLoader and diffusers both read; a whole-model adapter →
-the model as one file in the family's native layout, plus a diff patch for the LoraLoader."""
+the model as one file in the family's native layout, plus a diff patch for the LoraLoader. And an adapter file
+(ours or another trainer's) back to the adapter's targets, to continue training from it or merge it."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
-from ..loaders.files import atomic_save_safetensors
-from .adapters.base import Adapter
+from ..loaders.files import atomic_save_safetensors, read_safetensors
+from .adapters.base import FILE_SUFFIXES, Adapter
 from .config import RunConfig
+from .errors import ConfigError
 from .families.base import DENOISER, Family
 
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -19,6 +22,12 @@ EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.fl
 # comfy/lora.py model_lora_keys_unet), fused tensors included; a key ending in .weight takes <stem>.diff and its
 # bias <stem>.diff_b, any other key <key>.diff.
 COMFY_MODEL_PREFIX = "diffusion_model."
+# How other trainers spell a denoiser module's path: dotted under a prefix (diffusers' and ComfyUI's), or with
+# every "." as "_" after a prefix (LyCORIS' wrapper and SimpleTuner, kohya, OneTrainer).
+DOTTED_PREFIXES = ("", "diffusion_model.", "transformer.", "unet.")
+UNDERSCORED_PREFIXES = ("lycoris_", "lora_unet_", "lora_transformer_")
+# peft's and diffusers' names for the kohya suffixes.
+SUFFIX_ALIASES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
 
 
 def adapter_file_state(groups: dict[str, dict[str, torch.Tensor]], family: Family, dtype: torch.dtype
@@ -35,8 +44,10 @@ def adapter_file_state(groups: dict[str, dict[str, torch.Tensor]], family: Famil
     return out
 
 
-def kohya_metadata(cfg: RunConfig, step: int, base_fingerprint: str, family: Family) -> dict[str, str]:
-    """kohya ``ss_*`` and modelspec keys, so other tools recognise what the file is; the family adds its own."""
+def kohya_metadata(cfg: RunConfig, step: int, base_fingerprint: str, family: Family,
+                   adapter: dict[str, str] | None = None) -> dict[str, str]:
+    """kohya ``ss_*`` and modelspec keys, so other tools recognise what the file is; the family adds its own,
+    then the adapter (``Adapter.metadata``: which algorithm the file holds)."""
     return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(cfg.adapter.rank),
@@ -58,6 +69,7 @@ def kohya_metadata(cfg: RunConfig, step: int, base_fingerprint: str, family: Fam
         "loraloom_family": family.name,
         "loraloom_config": json.dumps(cfg.to_dict()),
         **family.metadata(cfg),
+        **(adapter or {}),
     }
 
 
@@ -67,25 +79,66 @@ def write_adapter(path: Path, groups: dict[str, dict[str, torch.Tensor]], family
     return path
 
 
-def adapter_groups(file_state: dict[str, torch.Tensor], family: Family, targets: list[str]
+def read_adapter_file(path: Path, family: Family, targets: Iterable[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """The adapter file at ``path`` by target (:func:`adapter_groups`); ConfigError naming the file otherwise."""
+    tensors = read_safetensors([path], what="an adapter file")
+    if not tensors:
+        raise ConfigError(f"{path}: holds no tensors")
+    try:
+        return adapter_groups(tensors, family, targets)
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def adapter_groups(file_state: dict[str, torch.Tensor], family: Family, targets: Iterable[str]
                    ) -> dict[str, dict[str, torch.Tensor]]:
-    """The inverse of :func:`adapter_file_state`: a file's tensors by target (``targets``: the
-    ``<component>.<module>`` names it may adapt) with the algorithm's suffixes. ValueError naming a key that
-    belongs to none of them."""
-    names = {family.export_key(*target.split(".", 1)): target for target in targets}
-    suffixes = {spelled: suffix for suffix, spelled in family.export_suffixes.items()}
+    """The inverse of :func:`adapter_file_state`: a file's tensors grouped by the run's target names
+    (``targets``: ``<component>.<module>``), each group keyed by the kohya/LyCORIS suffixes of
+    :data:`FILE_SUFFIXES` (the input of ``Adapter.load_export``).
+
+    A layer may be named as ``family`` exports it, or (in the denoiser) by its module path in any spelling of
+    :data:`DOTTED_PREFIXES` / :data:`UNDERSCORED_PREFIXES`, with kohya or peft suffixes. ValueError naming the key
+    for a tensor of no known suffix, a name that is no target, or an underscore spelling two targets share.
+    """
+    spellings, ambiguous = _spellings(family, targets)
+    aliases = ({s: s for s in FILE_SUFFIXES} | {family.export_suffixes[s]: s for s in family.export_suffixes}
+               | SUFFIX_ALIASES)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in file_state.items():
-        parts = key.split(".")
-        # The longest prefix that names a target: module names nest ("attn" holds "attn.to_q").
-        found = next(((names[stem], ".".join(parts[i:])) for i in range(len(parts) - 1, 0, -1)
-                      if (stem := ".".join(parts[:i])) in names), None)
-        if found is None:
-            raise ValueError(f"{key}: names no layer of the adapter's targets (a file for another model, or for "
-                             "other adapter.targets / adapter.blocks)")
-        target, suffix = found
-        groups.setdefault(target, {})[suffixes.get(suffix, suffix)] = value
+        suffix = next((s for s in sorted(aliases, key=len, reverse=True) if key.endswith(f".{s}")), None)
+        if suffix is None:
+            raise ValueError(f"{key} is not an adapter tensor (none of the suffixes {', '.join(aliases)}); the file "
+                             "is no LoRA / LyCORIS adapter, or one of a format ComfyUI does not load")
+        layer = key[:-len(suffix) - 1]
+        if layer in ambiguous:
+            raise ValueError(f"{layer} could name several layers of this run; rename it with dots "
+                             "(transformer.<module path>)")
+        target = spellings.get(layer)
+        if target is None:
+            raise ValueError(
+                f"{layer} names no layer this run adapts. The file must adapt the same layers as adapter.targets "
+                "(and [[adapter.blocks]]) select, named as this family exports them or by the model's module paths "
+                "(lycoris_, lora_unet_, lora_transformer_, transformer., diffusion_model. or unet.); layers fused "
+                "differently (one qkv for three projections) cannot continue here")
+        groups.setdefault(target, {})[aliases[suffix]] = value
     return groups
+
+
+def _spellings(family: Family, targets: Iterable[str]) -> tuple[dict[str, str], set[str]]:
+    """Every name a file may give each target → the target, and the underscore spellings two targets share."""
+    found: dict[str, set[str]] = {}
+    for target in targets:
+        component, module = target.split(".", 1)
+        exported = family.export_key(component, module)
+        names = {exported}
+        if component == DENOISER:
+            for path in {module, *(exported[len(p):] for p in DOTTED_PREFIXES if p and exported.startswith(p))}:
+                names |= {p + path for p in DOTTED_PREFIXES}
+                names |= {p + path.replace(".", "_") for p in UNDERSCORED_PREFIXES}
+        for name in names:
+            found.setdefault(name, set()).add(target)
+    return ({name: next(iter(ts)) for name, ts in found.items() if len(ts) == 1},
+            {name for name, ts in found.items() if len(ts) > 1})
 
 
 def companion(path: Path, tag: str) -> Path:

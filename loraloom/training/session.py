@@ -38,7 +38,7 @@ from .config import MODEL_FILES, ConfigError, RunConfig, config_from_dict, curre
 from .data import split_and_sample, training_data
 from .ema import Ema
 from .encoders import CachedEncoders, Encoders, FamilyImageEncoder
-from .export import EXPORT_DTYPES, companion, kohya_metadata, write_exports
+from .export import EXPORT_DTYPES, companion, kohya_metadata, read_adapter_file, write_exports
 from .families import family
 from .families.base import DENOISER, Geometry
 from .metrics import MetricsLog
@@ -56,6 +56,7 @@ VALIDATION_TIMESTEPS = 4
 CHANGEABLE_ON_RESUME = ("train.steps", "train.checkpoint_every", "train.keep_checkpoints",
                         "train.keep_checkpoint_every", "train.nonfinite_patience", "train.validate_every",
                         "train.log_every", "train.gradient_checkpointing", "model.guidance_distilled",
+                        "adapter.init_from",
                         "data.images", "data.cache_dir", "data.workers", "sample.", "output.", "ema.preview",
                         *(f"model.{name}" for name in MODEL_FILES))
 # What each rank keeps of its own: data position, noise, dropout and host RNGs. Rank 0's under these names (as
@@ -124,6 +125,7 @@ class Session:
         """
         import_hub_askers_offline()
         cfg = config_from_dict(cfg.to_dict())  # validated, its "auto" values resolved by the family
+        adapters.check(cfg.adapter)  # before the data and models load
         run_dir = writable_folder(cfg.output.run_dir, "output.run_dir")
         self = cls(cfg, run_dir, on_event)
         for message in self.family.warnings(cfg):
@@ -133,8 +135,11 @@ class Session:
         found = self._newest_checkpoint()
         if found:
             self._restore(*found)
-        elif self.is_main:
-            self.metrics.truncate_after(0)
+        else:
+            if cfg.adapter.init_from:
+                self._start_from_file(Path(cfg.adapter.init_from))
+            if self.is_main:
+                self.metrics.truncate_after(0)
         return self
 
     def _newest_checkpoint(self) -> tuple[Path, dict[str, bytes]] | None:
@@ -148,6 +153,24 @@ class Session:
             raise RuntimeError(f"rank {self.rank} cannot read the checkpoint {folder} that rank 0 chose: "
                                "output.run_dir must be a folder every rank sees")
         return folder, files
+
+    def _start_from_file(self, path: Path) -> None:
+        """A new run continues from the adapter file ``path`` (adapter.init_from)."""
+        try:
+            groups = read_adapter_file(path, self.family, self.adapter.targets)
+        except ValueError as e:  # the message names the file
+            raise ConfigError(f"adapter.init_from: {e}") from None
+        try:
+            self.adapter.load_export(groups)
+        except ValueError as e:
+            raise ConfigError(f"adapter.init_from = {path}: {e}") from None
+        if self.ema:  # the average starts where training starts: at the file's weights
+            self.ema = Ema(self.params, self.cfg.ema)
+        fresh = sorted(set(self.adapter.targets) - groups.keys())
+        if fresh:
+            warnings.warn(f"adapter.init_from = {path} holds {len(groups)} of this run's {len(self.adapter.targets)} "
+                          f"adapted layers; the other {len(fresh)} (e.g. {fresh[0]}) start from adapter.init_seed",
+                          stacklevel=3)
 
     def _load_data(self, given: Encoders) -> None:
         cfg = self.cfg
@@ -527,7 +550,8 @@ class Session:
             raise ConfigError(f"output.name {self.cfg.output.name!r} must be a plain file name (no '/', '\\' or "
                               f"'..'): it would be written outside {self.run_dir}")
         path = Path(path) if path else self.run_dir / f"{self.cfg.output.name}.safetensors"
-        meta = kohya_metadata(self.cfg, self.state.step, self.base_fingerprint, self.family)
+        meta = kohya_metadata(self.cfg, self.state.step, self.base_fingerprint, self.family,
+                              self.adapter.metadata())
         kinds = [(path, nullcontext())]
         if self.ema:
             kinds.append((companion(path, "ema"), self.ema.applied(self.params)))

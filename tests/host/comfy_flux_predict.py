@@ -1,8 +1,10 @@
-"""Run inside a ComfyUI environment: load a Flux file and a LoRA with ComfyUI's own code, predict, report.
+"""Run inside a ComfyUI environment: load a Flux file and adapter files with ComfyUI's own code, predict, report.
 
-Usage: python comfy_flux_predict.py COMFYUI_PATH BASE.safetensors LORA.safetensors INPUTS.safetensors OUT.safetensors
-BASE is loaded as UNETLoader loads a diffusion_models file; LORA "-" predicts with BASE alone.
-Prints one JSON line: the LoRA keys ComfyUI did not load and the detected model class.
+Usage: python comfy_flux_predict.py COMFYUI_PATH BASE.safetensors INPUTS.safetensors OUT.safetensors LORA...
+BASE is loaded as UNETLoader loads a diffusion_models file. OUT gets ``pred_<i>`` for the i-th adapter file,
+each applied alone at strength 1 ("-": BASE alone). Prints one JSON line: per file, the keys ComfyUI did not load
+and the errors its adapter code logged (it logs them and leaves the layer unpatched); and the detected model
+class.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class Capture(logging.Handler):
 
 
 def main() -> None:
-    comfy_path, base, lora, inputs, out = sys.argv[1:6]
+    comfy_path, base, inputs, out, *loras = sys.argv[1:]
     sys.argv = ["main.py", "--cpu"]
     sys.path.insert(0, comfy_path)
     stub_torchvision_if_missing()
@@ -58,14 +60,20 @@ def main() -> None:
     logging.getLogger().addHandler(capture)
     patcher = comfy.sd.load_diffusion_model(base, model_options={"dtype": torch.float32})
     x = load_file(inputs)
-    lora_patcher = patcher if lora == "-" else comfy.sd.load_lora_for_models(
-        patcher, None, comfy.utils.load_torch_file(lora), 1.0, 0)[0]
-    mm.load_models_gpu([lora_patcher])
-    with torch.no_grad():
-        pred = lora_patcher.model.diffusion_model(x["x"], x["t"], x["context"], x["y"], x["guidance"])
-    save_file({"pred": pred.contiguous()}, out)
-    not_loaded = [m for m in capture.messages if "lora key not loaded" in m or "NOT LOADED" in m]
-    print(json.dumps({"not_loaded": not_loaded, "model": type(patcher.model).__name__}))
+    preds, reports = {}, []
+    for i, lora in enumerate(loras):
+        capture.messages.clear()
+        lora_patcher = patcher if lora == "-" else comfy.sd.load_lora_for_models(
+            patcher, None, comfy.utils.load_torch_file(lora), 1.0, 0)[0]
+        mm.load_models_gpu([lora_patcher])
+        with torch.no_grad():
+            pred = lora_patcher.model.diffusion_model(x["x"], x["t"], x["context"], x["y"], x["guidance"])
+        preds[f"pred_{i}"] = pred.contiguous()
+        mm.unload_all_models()  # restores the base weights for the next file
+        reports.append({"not_loaded": [m for m in capture.messages if "lora key not loaded" in m or "NOT LOADED" in m],
+                        "errors": [m for m in capture.messages if m.startswith("ERROR") or "MISMATCH" in m]})
+    save_file(preds, out)
+    print(json.dumps({"files": reports, "model": type(patcher.model).__name__}))
 
 
 if __name__ == "__main__":

@@ -31,10 +31,11 @@ FLUX = family("flux")
 def _comfy_predict(base: Path, patch: str, inputs: Path, out: Path) -> tuple[dict, torch.Tensor]:
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     script = Path(__file__).with_name("comfy_flux_predict.py")
-    result = subprocess.run([python, str(script), COMFYUI_PATH, str(base), patch, str(inputs), str(out)],
+    result = subprocess.run([python, str(script), COMFYUI_PATH, str(base), str(inputs), str(out), patch],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1]), load_file(out)["pred"]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    return {**report["files"][0], "model": report["model"]}, load_file(out)["pred_0"]
 
 
 def test_comfyui_loads_the_fine_tuned_model_file_and_its_patch_and_matches_the_engine(tmp_path: Path):

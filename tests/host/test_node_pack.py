@@ -362,6 +362,41 @@ def test_lumina2_example_trains_exports_and_the_stock_loader_applies_it(comfy):
     assert_the_stock_loader_applies_it(comfy, prompt, lora_name)
 
 
+def test_lokr_example_trains_and_the_stock_loader_applies_every_key(comfy):
+    """The LoKr example (full matrices, factor 8) through the nodes, its export applied to Flux-dev by the stock
+    LoraLoaderModelOnly: every key loaded, no adapter error logged, the picture changed by it."""
+    prompt = point_at_tiny_models(example("flux_lokr_train_then_compare_on_dev"), comfy.tokenizers,
+                                  total_steps=2, steps_per_queue=2)
+    adapter = prompt[node_of(prompt, "LoraLoomAdapter")]["inputs"]
+    assert adapter["algorithm"] == "lokr" and adapter["full_matrix"] and adapter["factor"] == 8
+    # Full matrices start at zero and are not scaled up by alpha / rank: two steps need a larger lr to show.
+    prompt[node_of(prompt, "LoraLoomOptimizer")]["inputs"]["lr"] = 0.05
+    log_before = len(comfy.log_text())
+    entry = comfy.wait(comfy.queue(prompt))
+    assert_succeeded(entry, comfy)
+    lora_name = entry["outputs"][node_of(prompt, "LoraLoomExportAdapter")]["text"][0]
+    lora = load_file(comfy.base / "models" / "loras" / lora_name)
+    assert any(k.endswith(".lokr_w1") for k in lora) and any(k.endswith(".lokr_w2") for k in lora)
+    stock = {k: v for k, v in copy.deepcopy(prompt).items() if v["class_type"] in (
+        "UNETLoader", "LoraLoomEncodePrompt", "LoraLoomModelFlux", "ConditioningZeroOut", "EmptySD3LatentImage",
+        "KSampler", "VAELoader")}
+    unet = node_of(stock, "UNETLoader")
+    without, with_adapter = (k for k, v in stock.items() if v["class_type"] == "KSampler")
+    stock["stock_lora"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+        "model": [unet, 0], "lora_name": lora_name, "strength_model": 1.0}}
+    stock[with_adapter]["inputs"]["model"] = ["stock_lora", 0]
+    vae = node_of(stock, "VAELoader")
+    for name, sampler in (("without", without), ("with", with_adapter)):
+        stock[f"decode_{name}"] = {"class_type": "VAEDecode", "inputs": {"samples": [sampler, 0], "vae": [vae, 0]}}
+        stock[f"show_{name}"] = {"class_type": "PreviewImage", "inputs": {"images": [f"decode_{name}", 0]}}
+    entry = comfy.wait(comfy.queue(stock))
+    assert_succeeded(entry, comfy)
+    log = comfy.log_text()[log_before:]
+    assert "lora key not loaded" not in log and "NOT LOADED" not in log and "ERROR lokr" not in log, log[-3000:]
+    images = {name: comfy.image(entry["outputs"][f"show_{name}"]["images"][0]) for name in ("without", "with")}
+    assert np.abs(images["without"] - images["with"]).mean() > 0.25
+
+
 def test_an_fp8_base_trains_in_fp32_and_its_export_loads_on_a_bf16_dev(comfy):
     """Every 2-D weight of the base in fp8 (the modulation and embedding layers too), every linear layer adapted,
     fp32 compute (ComfyUI on a CPU); the export applied to a bf16 Flux-dev by ComfyUI's own loader."""

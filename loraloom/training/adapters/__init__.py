@@ -14,6 +14,10 @@ from ..offline import import_offline
 # adapter.algorithm -> "module:class" under this package.
 ALGORITHMS = {
     "lora": "lora:Lora",
+    "locon": "lycoris:Locon",
+    "loha": "lycoris:Loha",
+    "lokr": "lycoris:Lokr",
+    "dora": "lycoris:Dora",
     "full": "full:Full",
 }
 # The algorithms whose class says ``whole_model`` (they train the model's own weights), known without importing
@@ -29,10 +33,16 @@ def algorithm(name: str) -> type:
     return getattr(import_offline(f"{__name__}.{module}"), cls)
 
 
+def check(settings) -> None:
+    """ConfigError for adapter settings (AdapterConfig) the algorithm cannot train; call before loading models."""
+    algorithm(settings.algorithm).check(settings)
+
+
 def attach(components: dict[str, torch.nn.Module], patterns: dict[str, str], settings, seed: int):
     """Wrap the modules of ``components`` that ``patterns`` (and ``settings.blocks``) select with the algorithm
     of ``settings``; returns the :class:`.base.Adapter`."""
     from .base import select_targets
 
     cls = algorithm(settings.algorithm)
+    cls.check(settings)
     return cls(components, select_targets(components, patterns, settings, cls.layers), settings, seed)

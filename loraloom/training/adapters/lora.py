@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
-from .base import Adapter, Target
+from .base import Adapter, Target, check_alpha, check_rank, file_alpha, require_algorithm
 
 ADAPTER_NAME = "default"
 
@@ -90,15 +90,14 @@ class Lora(Adapter):
             target = self.targets.get(name)
             if target is None:
                 raise ValueError(f"{name}: the file adapts a layer this run does not (check adapter.targets)")
-            if "lora_down.weight" not in tensors or "lora_up.weight" not in tensors:
-                raise ValueError(f"{name}: not a LoRA (its tensors are {sorted(tensors)}); choose the file's "
-                                 "algorithm in adapter.algorithm")
-            # Fold a file alpha that differs from ours into B, so the product stays what the file computes.
+            require_algorithm(name, tensors, ("lora",), self.name)
             down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
-            rank = down.shape[0]
-            file_scale = float(tensors["alpha"]) / rank if "alpha" in tensors else 1.0
-            up = up * (file_scale / (target.alpha / rank))
-            state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"] = down, up
+            if down.dim() != 2:
+                raise ValueError(f"{name}: the file adapts a convolution here, which this algorithm does not: set "
+                                 "adapter.algorithm = 'locon'")
+            check_rank(name, target, down.shape[0])
+            check_alpha(name, target, file_alpha(tensors, down.shape[0]))
+            state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"] = down.float(), up.float()
         self.load_state(state)
 
     def trained_weights(self) -> dict[str, torch.Tensor]:
