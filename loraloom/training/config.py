@@ -130,7 +130,14 @@ class AdapterConfig:
         "lora")
     rank: int = doc("Rank of the adapter's low-rank factors.", 16)
     alpha: float = doc("Alpha; the update is scaled by alpha / rank.", 16.0)
-    dropout: float = doc("Dropout probability of the adapter's input.", 0.0)
+    dropout: float = doc(
+        "Dropout probability of the adapter (0: none, the default of sd-scripts and ai-toolkit; SimpleTuner uses 0.1).",
+        0.0)
+    dropout_on: Literal["rank", "input"] = doc(
+        "Where LoRA's dropout acts. 'rank': on the rank-r activation A·x, between the two factors (sd-scripts' "
+        "network_dropout and ai-toolkit's dropout; r values a token, so it costs next to nothing). 'input': on the "
+        "layer's full-width input before A (peft's lora_dropout and SimpleTuner's; a mask as large as the "
+        "activations, recomputed under gradient checkpointing). Other algorithms ignore it.", "rank")
     targets: str = doc(
         "Which layers get an adapter: one of the family's presets (attention, attention_mlp, all_linear, ...).",
         "attention_mlp",

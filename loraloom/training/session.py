@@ -424,6 +424,9 @@ class Session:
         self._emit({"type": "resume", "step": self.state.step, "path": str(folder)})
 
     def _check_resume_config(self, saved: dict, folder: Path) -> None:
+        adapter = saved.get("adapter", {})
+        if "dropout_on" not in adapter:  # saved before the choice existed: peft's input dropout was the only form
+            saved = {**saved, "adapter": {**adapter, "dropout_on": "input" if adapter.get("dropout") else "rank"}}
         old, new = _flatten(config_from_dict(saved).to_dict()), _flatten(self.cfg.to_dict())
         for key in sorted(old.keys() | new.keys()):
             if not key.startswith(CHANGEABLE_ON_RESUME) and old.get(key) != new.get(key):
