@@ -19,10 +19,16 @@ from .offload import repeated_blocks
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
 
-def compile_blocks(model: torch.nn.Module, cache_root: Path) -> int:
-    """Compile the forward of every repeated block of ``model``; returns how many."""
-    os.environ.setdefault(CACHE_ENV, str(Path(cache_root) / "torchinductor"))
+def compile_blocks(model: torch.nn.Module, cache_root: Path, backend: str = "inductor") -> int:
+    """Compile the forward of every repeated block of ``model`` (compiled at its first call); returns how many.
+
+    Inductor's cache moves to ``<cache_root>/torchinductor`` unless ``TORCHINDUCTOR_CACHE_DIR`` names another
+    folder than torch's default (which torch writes into the environment itself when it first looks)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    if os.environ.get(CACHE_ENV, default_cache_dir()) == default_cache_dir():
+        os.environ[CACHE_ENV] = str(Path(cache_root).resolve() / "torchinductor")
     blocks = repeated_blocks(model)
     for block in blocks:
-        block.forward = torch.compile(block.forward)
+        block.forward = torch.compile(block.forward, backend=backend)
     return len(blocks)
