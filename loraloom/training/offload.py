@@ -115,7 +115,8 @@ class BlockOffload:
             getattr(slot.module, slot.kind)[slot.name] = tensor
         self.installed += 1
         upcoming = self._upcoming(i)
-        self._pending = {upcoming: self._copy(upcoming)} if upcoming is not None else {}
+        pending = self._pending.get(upcoming) if upcoming is not None else None
+        self._pending = {upcoming: pending or self._copy(upcoming)} if upcoming is not None else {}
         self.peak_on_device = max(self.peak_on_device, self.installed + len(self._pending))
 
     def _exit(self, i: int) -> None:
