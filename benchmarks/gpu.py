@@ -166,9 +166,9 @@ def analyse(name: str, resolution: int, batch: int, dtype: torch.dtype, smoke: b
     shape = family_shape(family, smoke)
     total, forward = count_flops(family, shape, resolution, batch, dtype, smoke)
     planned = sizes(family, shape, resolution, batch, dtype, smoke)
-    estimates = {f"{precision}/{offload}": memory.estimate(
-        planned, "auto" if precision == "bf16" else precision, True, offload, False)["total"] / 1e9
-        for precision, offload in SETUPS}
+    estimates = {f"{precision}/{offload}/{checkpointing}": memory.estimate(
+        planned, "auto" if precision == "bf16" else precision, checkpointing, offload, False)["total"] / 1e9
+        for precision, offload in SETUPS for checkpointing in (True, False)}
     return {"total": total, "forward": forward, "estimates": estimates}
 
 
@@ -272,19 +272,24 @@ def _run_setups(family: Family, args: argparse.Namespace, device: torch.device, 
                 ) -> None:
     dtype = args.dtype
     peak = peak_tflops(device, args.peak_tflops)
-    runs = [(precision, offload, False, shapes) for precision, offload in SETUPS
+    # (precision, offload, gradient checkpointing, compiled, sizes)
+    runs = [(precision, offload, True, False, shapes) for precision, offload in SETUPS
             if precision in args.precisions and offload in args.offload]
+    if "bf16" in args.precisions and "none" in args.offload:  # the fastest if it fits (an H200 at 1024² has room)
+        runs.insert(1, ("bf16", "none", False, False, shapes[:1]))
     if args.compile:
-        runs.append(("bf16", "none", True, shapes[:1]))
-    for precision, offload, compiled, sizes_run in runs:
-        row = {"family": family.name, "precision": precision, "offload": offload, "compiled": compiled}
+        runs.append(("bf16", "none", True, True, shapes[:1]))
+    for precision, offload, checkpointing, compiled, sizes_run in runs:
+        row = {"family": family.name, "precision": precision, "offload": offload, "checkpointing": checkpointing,
+               "compiled": compiled}
         if time.monotonic() > deadline:
             report({**row, "skipped": "time budget"})
             continue
         model = build(family, precision, device, dtype, args.smoke)
         adapter = adapters.attach({DENOISER: model}, {DENOISER: family.targets[adapter_settings(family).targets]},
                                   adapter_settings(family), 0)
-        model.enable_gradient_checkpointing()
+        if checkpointing:
+            model.enable_gradient_checkpointing()
         mover = BlockOffload(model, device) if offload == "blocks" else None
         if compiled:
             compile_blocks(model, Path(args.cache))
@@ -308,10 +313,11 @@ def _run_setups(family: Family, args: argparse.Namespace, device: torch.device, 
             shaped = figures[resolution, batch].result()
             total, forward = shaped["total"], shaped["forward"]
             tflops = total / result["s_per_step"] / 1e12
+            recomputed = forward if checkpointing else 0
             report({**row, **result, "model_tflop_per_step": total / 1e12, "achieved_tflops": tflops,
-                    "hw_tflops": (total + forward) / result["s_per_step"] / 1e12,
+                    "hw_tflops": (total + recomputed) / result["s_per_step"] / 1e12,
                     "mfu": tflops / peak if peak else None,
-                    "estimate_gb": shaped["estimates"][f"{precision}/{offload}"],
+                    "estimate_gb": shaped["estimates"][f"{precision}/{offload}/{checkpointing}"],
                     "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"})
         if mover is not None:
             mover.remove()
@@ -327,8 +333,8 @@ def _done(value) -> Future:
     return future
 
 
-COLUMNS = ("family", "precision", "offload", "compiled", "resolution", "batch", "s_per_step", "model_tflop_per_step",
-           "achieved_tflops", "hw_tflops", "mfu", "peak_gb", "estimate_gb", "syncs_per_step")
+COLUMNS = ("family", "precision", "offload", "checkpointing", "compiled", "resolution", "batch", "s_per_step",
+           "model_tflop_per_step", "achieved_tflops", "hw_tflops", "mfu", "peak_gb", "estimate_gb", "syncs_per_step")
 
 
 def cell(value) -> str:
@@ -368,7 +374,9 @@ def main() -> None:
         with open(args.out, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         if "skipped" in row:
-            print(f"| {row['family']} | {row['precision']} | {row['offload']} | skipped: {row['skipped']} |")
+            print(f"| {row['family']} | {row['precision']} | {row['offload']} | {row['checkpointing']} | "
+                  f"{row['compiled']} | {row.get('resolution', '')} | {row.get('batch', '')} | skipped: "
+                  f"{row['skipped']} |")
         else:
             print("| " + " | ".join(cell(row.get(c)) for c in COLUMNS) + " |", flush=True)
 

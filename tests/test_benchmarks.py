@@ -25,9 +25,10 @@ SMOKE = {
     "dataset_scale.py": ([], [r"cold index: \d+ records", rf"per step .*: {NUMBER} per CPU second",
                               rf"one epoch plan of the bucket sampler: {NUMBER} s"]),
     "decode.py": ([], [rf"full decode {NUMBER} ms, reduced scale {NUMBER} ms per image"]),
-    "gpu.py": (["--out", "{tmp}/gpu.jsonl"], [rf"\| flux \| {precision} \| {offload} \| False \| 64 \| 1 \| {NUMBER} \|"
-                                               for precision in ("bf16", "fp8", "nf4")
-                                               for offload in ("none", "blocks")]),
+    "gpu.py": (["--out", "{tmp}/gpu.jsonl"],
+               [rf"\| flux \| {precision} \| {offload} \| True \| False \| 64 \| 1 \| {NUMBER} \|"
+                for precision in ("bf16", "fp8", "nf4") for offload in ("none", "blocks")]
+               + [rf"\| flux \| bf16 \| none \| False \| False \| 64 \| 1 \| {NUMBER} \|"]),
     "latent_read.py": ([], [rf"latent bf16 .* warm: median {NUMBER} ms per batch of 2",
                             rf"text bf16 .* cold: median {NUMBER} ms"]),
     "resume_stress.py": (["--out", "{tmp}"], [r'"every_step_once": true', r'"adapter_max_abs_diff": 0\.0']),
