@@ -124,9 +124,10 @@ def train_with_kills(config: Path, kills: int, seed: int, overrides: list[str] =
 
 
 def compare_runs(reference: Path, resumed: Path, step: int) -> dict:
-    """Max abs difference of the adapters at ``step`` and of the logged losses; the step records of each."""
-    def adapter(run: Path) -> dict[str, torch.Tensor]:
-        return load_tensors((checkpoint.checkpoint_dir(run) / f"step-{step:08d}" / "adapter.safetensors").read_bytes())
+    """Max abs difference of the adapters at ``step`` (and of their moving averages, when the run keeps one) and
+    of the logged losses; the step records of each."""
+    def adapter(run: Path, name: str = "adapter.safetensors") -> dict[str, torch.Tensor]:
+        return load_tensors((checkpoint.checkpoint_dir(run) / f"step-{step:08d}" / name).read_bytes())
 
     def losses(run: Path) -> dict[int, float]:
         return {r["step"]: r["loss"] for r in read_metrics(run) if r["type"] == "step"}
@@ -135,7 +136,12 @@ def compare_runs(reference: Path, resumed: Path, step: int) -> dict:
     if a.keys() != b.keys():
         raise ValueError("the two adapters have different modules")
     la, lb = losses(reference), losses(resumed)
+    ema = {}
+    if (checkpoint.checkpoint_dir(reference) / f"step-{step:08d}" / "ema.safetensors").is_file():
+        ea, eb = adapter(reference, "ema.safetensors"), adapter(resumed, "ema.safetensors")
+        ema["ema_max_abs_diff"] = max((ea[k] - eb[k]).abs().max().item() for k in ea)
     return {
+        **ema,
         "adapter_max_abs_diff": max((a[k] - b[k]).abs().max().item() for k in a),
         "loss_max_abs_diff": max(abs(la[s] - lb.get(s, float("inf"))) for s in la),
         "reference_steps": [r["step"] for r in read_metrics(reference) if r["type"] == "step"],

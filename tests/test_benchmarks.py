@@ -25,6 +25,7 @@ SMOKE = {
     "dataset_scale.py": ([], [r"cold index: \d+ records", rf"per step .*: {NUMBER} per CPU second",
                               rf"one epoch plan of the bucket sampler: {NUMBER} s"]),
     "decode.py": ([], [rf"full decode {NUMBER} ms, reduced scale {NUMBER} ms per image"]),
+    "full_finetune.py": ([], [r'"full \+ ema": {\n  "trained_parameters": \d+', rf'"step_time_vs_lora": {NUMBER}']),
     "gpu.py": (["--out", "{tmp}/gpu.jsonl"],
                [rf"\| flux \| {precision} \| {offload} \| True \| False \| 64 \| 1 \| {NUMBER} \|"
                 for precision in ("bf16", "fp8", "nf4") for offload in ("none", "blocks")]

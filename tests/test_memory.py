@@ -68,6 +68,9 @@ def test_the_plan_is_the_cheapest_fitting_rung():
         assert memory.plan(need / memory.GB, sizes).base_precision == rung[0]
     frugal = memory.plan(0.5, sizes)
     assert not frugal.fits and frugal.offload_activations and "nothing fits" in frugal.reason
+    whole = [memory.plan(need / memory.GB, sizes, quantize=False) for need in needs]
+    assert {p.base_precision for p in whole} == {"auto"}  # a full fine-tune trains unquantised weights
+    assert [(p.gradient_checkpointing, p.offload) for p in whole][-1] == (True, "blocks")
     stored_fp8 = dataclasses.replace(sizes, weights={"auto": 10 * gb, "fp8": 10 * gb, "nf4": 5 * gb})
     need = memory.estimate(stored_fp8, "auto", True, "none", False)["total"] / memory.GB
     assert memory.plan(need, stored_fp8).base_precision == "auto"

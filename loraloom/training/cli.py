@@ -1,4 +1,5 @@
-"""``loraloom`` command line: train from a TOML config, print an example config, run the demo."""
+"""``loraloom`` command line: train from a TOML config, print an example config, run the demo, merge an adapter
+into its base, extract a LoRA from a fine-tune."""
 
 from __future__ import annotations
 
@@ -67,6 +68,27 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from .tools import merge
+
+    cfg = load_config(args.config, check_paths=False) if args.config else None
+    print(f"merged model: {merge(args.base, args.adapter, args.out, args.dtype, cfg)}")
+    return 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from .tools import extract
+
+    done = extract(args.base, args.tuned, args.out, args.rank, args.family, args.targets, args.dtype,
+                   biases=not args.no_bias)
+    print(f"LoRA: {done.path}  layers {done.targets}  rank <= {args.rank}  relative error "
+          f"{done.relative_error:.3g}  bias patches {done.biases}")
+    if done.untargeted:
+        print(f"not carried ({len(done.untargeted)} changed tensors outside the LoRA): "
+              f"{', '.join(done.untargeted[:8])}{' ...' if len(done.untargeted) > 8 else ''}")
+    return 0
+
+
 def _config(args: argparse.Namespace) -> int:
     sys.stdout.write(to_toml(example_config(args.example)))
     return 0
@@ -121,6 +143,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--vae-steps", type=int, default=300, help="steps fitting the tiny VAE to the pictures")
     demo.add_argument("--base-steps", type=int, default=600, help="steps pre-training the tiny base model")
     demo.set_defaults(func=_demo)
+    dtypes = ["bf16", "fp16", "fp32"]
+    merge = sub.add_parser("merge", help="fold an adapter file into its base: one model file in the family's "
+                                         "native layout (ComfyUI's diffusion_models)")
+    merge.add_argument("base", type=Path, help="the base model file (or diffusers folder)")
+    merge.add_argument("adapter", type=Path, help="the adapter file LoRA Loom exported")
+    merge.add_argument("out", type=Path, help="the merged model file to write")
+    merge.add_argument("--dtype", choices=dtypes, default="bf16", help="precision of the merged file (default bf16)")
+    merge.add_argument("--config", type=Path, help="a run config describing the adapter, for a file without "
+                                                   "LoRA Loom's metadata")
+    merge.set_defaults(func=_merge)
+    extract = sub.add_parser("extract", help="a LoRA that turns one model file into another (e.g. a full "
+                                             "fine-tune's -model file and its base), by SVD")
+    extract.add_argument("base", type=Path, help="the base model file")
+    extract.add_argument("tuned", type=Path, help="the fine-tuned model file")
+    extract.add_argument("out", type=Path, help="the LoRA file to write")
+    extract.add_argument("--rank", type=int, default=16, help="rank per layer (default 16)")
+    extract.add_argument("--family", choices=sorted(FAMILIES), default=DEFAULT_FAMILY)
+    extract.add_argument("--targets", default="all_linear", help="the family's preset of layers (default all_linear)")
+    extract.add_argument("--dtype", choices=dtypes, default="bf16", help="precision of the LoRA (default bf16)")
+    extract.add_argument("--no-bias", action="store_true", help="leave bias differences out (a plain LoRA)")
+    extract.set_defaults(func=_extract)
     return parser
 
 

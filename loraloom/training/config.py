@@ -18,7 +18,7 @@ from typing import Any, Literal
 from ..loaders.buckets import BucketSettings
 from ..loaders.captions import CaptionSettings
 from ..loaders.sources import SourceSettings
-from .adapters import ALGORITHMS
+from .adapters import ALGORITHMS, WHOLE_MODEL
 from .errors import ConfigError, optional_module  # noqa: F401 (part of this module's interface)
 from .families import DEFAULT_FAMILY, family
 
@@ -228,6 +228,22 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EmaConfig:
+    decay: float = doc(
+        "Keep an exponential moving average of the trained weights (any adapter.algorithm) with this decay per "
+        "update, e.g. 0.999 (0: no average). It is checkpointed, exported beside the weights as "
+        "<output.name>-ema.safetensors and shown in previews.", 0.0)
+    every: int = doc("Update the average every N optimizer steps.", 1)
+    warmup: bool = doc(
+        "Use min(decay, (1 + n) / (10 + n)) at the n-th update, so the first updates do not keep the average at "
+        "the starting weights (diffusers' EMAModel default).", True)
+    on_cpu: bool = doc(
+        "Keep the average in host memory: saves one copy of the trained weights on the GPU, costs a transfer "
+        "per update.", False)
+    preview: bool = doc("Previews add a column sampled with the averaged weights.", True)
+
+
+@dataclass(frozen=True)
 class SampleConfig:
     prompts: tuple[str, ...] = doc("Prompts for preview images.", ())
     seeds: tuple[int, ...] = doc("Seeds for preview images, one row each.", (0,))
@@ -251,6 +267,7 @@ class RunConfig:
     adapter: AdapterConfig = doc("The adapter being trained.", default_factory=AdapterConfig)
     optimizer: OptimizerConfig = doc("Optimizer and schedule.", default_factory=OptimizerConfig)
     train: TrainConfig = doc("The training loop.", default_factory=TrainConfig)
+    ema: EmaConfig = doc("Moving average of the trained weights.", default_factory=EmaConfig)
     sample: SampleConfig = doc("Preview images.", default_factory=SampleConfig)
     output: OutputConfig = doc("Where results go.", default_factory=OutputConfig)
 
@@ -371,6 +388,12 @@ def _check_values(cfg: RunConfig) -> None:
         ("train.noise_offset", cfg.train.noise_offset >= 0, "must be >= 0"),
         ("train.shift", cfg.train.shift >= 0, "must be >= 0"),
         ("model.text_length", cfg.model.text_length >= 0, "must be >= 0"),
+        ("model.base_precision", cfg.adapter.algorithm not in WHOLE_MODEL or cfg.model.base_precision not in (
+            "fp8", "nf4"), f"= {cfg.model.base_precision!r} stores the base in float8 / 4 bits, which adapter."
+         f"algorithm = {cfg.adapter.algorithm!r} cannot train (it trains the model's own weights): set "
+         "model.base_precision = 'bf16' or 'auto' (with a bf16/fp16 model file)"),
+        ("ema.decay", 0 <= cfg.ema.decay < 1, "must be in [0, 1) (0: no moving average)"),
+        ("ema.every", cfg.ema.every >= 1, "must be at least 1"),
         ("model.vram_budget", cfg.model.vram_budget >= 0, "must be >= 0 (0: off)"),
         ("model.offload", cfg.model.offload == "none" or cfg.train.gradient_checkpointing or cfg.model.vram_budget > 0,
          "= 'blocks' needs train.gradient_checkpointing = true (without it backward keeps every block's copy)"),

@@ -94,10 +94,14 @@ def estimate(sizes: Sizes, precision: str, checkpointing: bool, offload: str, of
     return {"weights": weights, "adapter": sizes.adapter, "activations": activations, "total": total}
 
 
-def plan(budget_gb: float, sizes: Sizes) -> MemoryPlan:
+def plan(budget_gb: float, sizes: Sizes, quantize: bool = True) -> MemoryPlan:
     """The first set-up of :data:`LADDER` whose estimate fits ``budget_gb`` (10^9 bytes); the last one, marked as
-    not fitting, when none does. fp8 is skipped when the base is stored in float8 already."""
+    not fitting, when none does. fp8 is skipped when the base is stored in float8 already; fp8 and nf4 are
+    skipped without ``quantize`` (a full fine-tune trains the weights themselves), nf4's offloading rungs then
+    offloading the base as it is."""
     ladder = [s for s in LADDER if not (s[0] == "fp8" and sizes.weights["fp8"] >= sizes.weights["auto"])]
+    if not quantize:
+        ladder = list(dict.fromkeys(("auto", *s[1:]) if s[0] != "auto" else s for s in ladder if s[0] != "fp8"))
     for i, setup in enumerate(ladder):
         parts = estimate(sizes, *setup)
         fits = parts["total"] <= budget_gb * GB

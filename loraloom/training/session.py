@@ -37,8 +37,9 @@ from . import adapters, checkpoint, distributed, memory, offload
 from .compile import compile_blocks
 from .config import MODEL_FILES, ConfigError, RunConfig, config_from_dict, current_key, plain_file_name, to_toml
 from .data import split_and_sample, training_data
+from .ema import Ema
 from .encoders import CachedEncoders, Encoders, FamilyImageEncoder
-from .export import EXPORT_DTYPES, kohya_metadata, write_adapter
+from .export import EXPORT_DTYPES, companion, kohya_metadata, write_exports
 from .families import family
 from .families.base import DENOISER, Geometry
 from .metrics import MetricsLog
@@ -56,7 +57,7 @@ CHANGEABLE_ON_RESUME = ("train.steps", "train.checkpoint_every", "train.keep_che
                         "train.keep_checkpoint_every", "train.nonfinite_patience", "train.validate_every",
                         "train.log_every", "train.gradient_checkpointing", "train.compile", "model.guidance_distilled",
                         "model.offload", "model.offload_activations",
-                        "data.images", "data.cache_dir", "data.workers", "sample.", "output.",
+                        "data.images", "data.cache_dir", "data.workers", "sample.", "output.", "ema.preview",
                         *(f"model.{name}" for name in MODEL_FILES))
 # What each rank keeps of its own: data position, noise, dropout and host RNGs. Rank 0's under these names (as
 # in a single process), rank r's as "rank<r>-<name>", all in the one checkpoint folder.
@@ -197,6 +198,7 @@ class Session:
             compile_blocks(model, self.cache_root)
         groups = self.adapter.parameters()
         self.params = [p for params in groups.values() for p in params]
+        self.ema = Ema(self.params, cfg.ema) if cfg.ema.decay else None
         # The denoiser at optimizer.lr, text encoders (when trained) at optimizer.text_encoder_lr.
         lrs = {name: cfg.optimizer.lr if name == DENOISER else cfg.optimizer.text_encoder_lr for name in groups}
         self.optimizer, self.scheduler = make_optimizer(
@@ -212,7 +214,8 @@ class Session:
             example = self.val_items[0]
             sizes = memory.measure(model, self.family, self.cfg, example.latent, example.text, example.geometry,
                                    self.compute_dtype)
-            plan = memory.plan(self.cfg.model.vram_budget, sizes)
+            plan = memory.plan(self.cfg.model.vram_budget, sizes,
+                               quantize=self.cfg.adapter.algorithm not in adapters.WHOLE_MODEL)
             if not plan.fits:
                 warnings.warn(f"model.vram_budget: {plan.reason}", stacklevel=3)
         self._emit({"type": "memory_plan", **plan.to_dict()})
@@ -293,6 +296,8 @@ class Session:
             self.state.nonfinite_streak += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
+        if self.ema and self.ema.due(self.state.step):
+            self.ema.update(self.params, self.state.step)
         record = {"type": "step", "step": self.state.step, "loss": mean_loss if finite else None, "lr": lr,
                   "grad_norm": grad_norm if finite else None, "step_time": time.perf_counter() - start,
                   "peak_memory_mb": peak_memory_mb(self.device)}
@@ -366,42 +371,59 @@ class Session:
 
     # ------------------------------------------------------------ prediction and previews
 
+    def _weights(self, adapter: bool, ema: bool):
+        """The context that puts the wanted weights in the model: the trained ones, their moving average (``ema``)
+        or the base alone (not ``adapter``)."""
+        if not adapter:
+            return self.adapter.disabled()
+        if ema:
+            if not self.ema:
+                raise ConfigError("there is no moving average to use: set ema.decay (e.g. 0.999) before training")
+            return self.ema.applied(self.params)
+        return nullcontext()
+
     @torch.no_grad()
     def predict(self, x: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor], guidance: float,
-                adapter: bool = True, geometry: list[Geometry] | None = None) -> torch.Tensor:
-        """The family's prediction for model inputs ``x`` (B, C, h, w) at ``t`` (B,) and batched ``text``, with or
-        without the adapter. ``geometry`` defaults to whole, uncropped pictures of the training resolution."""
+                adapter: bool = True, geometry: list[Geometry] | None = None, ema: bool = False) -> torch.Tensor:
+        """The family's prediction for model inputs ``x`` (B, C, h, w) at ``t`` (B,) and batched ``text``, with the
+        trained weights, their moving average (``ema``) or without the adapter. ``geometry`` defaults to whole,
+        uncropped pictures of the training resolution."""
         res = self.cfg.data.resolution
         geometry = geometry or [Geometry((res, res), (0, 0), (res, res))] * len(x)
         self.denoiser.eval()
-        with self._autocast(), (nullcontext() if adapter else self.adapter.disabled()):
+        with self._autocast(), self._weights(adapter, ema):
             return self.family.predict(self.denoiser, x, t, text, geometry, guidance)
 
     @torch.no_grad()
     def sample(self, prompt: str, seed: int, adapter: bool = True, steps: int | None = None,
-               guidance: float | None = None) -> Image.Image:
-        """One preview image for a prompt of ``sample.prompts``, with or without the adapter."""
+               guidance: float | None = None, ema: bool = False) -> Image.Image:
+        """One preview image for a prompt of ``sample.prompts``: with the trained weights, their moving average
+        (``ema``) or without the adapter."""
         s = self.cfg.sample
         res = s.resolution or self.cfg.data.resolution
         vae = self.preview_vae.vae
         f = self.family.vae_factor(vae)
         self.denoiser.eval()
-        with self._autocast(), (nullcontext() if adapter else self.adapter.disabled()):
+        with self._autocast(), self._weights(adapter, ema):
             text = {k: v[None] for k, v in self.sample_texts[prompt].items()}
             raw = self.family.sample(self.denoiser, text, (res, res), (res // f, res // f), seed, steps or s.steps,
                                      s.guidance if guidance is None else guidance)
         return to_pil(self.family.decode_latents(vae, raw)[0])
 
     def preview(self) -> Path:
-        """Side-by-side picture of every sample prompt and seed without and with the adapter (call on rank 0)."""
+        """Side-by-side picture of every sample prompt and seed without and with the adapter, and with its moving
+        average when ``ema.preview`` (call on rank 0)."""
         from .preview import side_by_side
 
         s = self.cfg.sample
         if not s.prompts:
             raise ConfigError("sample.prompts is empty: add at least one prompt to make previews")
         rows = [(p, seed) for p in s.prompts for seed in s.seeds]
-        columns = {name: [self.sample(p, seed, adapter=flag) for p, seed in rows]
-                   for name, flag in (("base model", False), (f"with LoRA (step {self.state.step})", True))}
+        kinds = [("base model", False, False), (f"trained (step {self.state.step})", True, False)]
+        if self.ema and self.cfg.ema.preview:
+            kinds.append((f"EMA (step {self.state.step})", True, True))
+        columns = {name: [self.sample(p, seed, adapter=flag, ema=ema) for p, seed in rows]
+                   for name, flag, ema in kinds}
         picture = side_by_side(columns, [f"seed {seed}: {p[:40]}" for p, seed in rows])
         path = save_png(picture, self.run_dir / "samples" / f"step-{self.state.step:08d}.png")
         self._emit({"type": "preview", "step": self.state.step, "path": str(path)})
@@ -425,6 +447,7 @@ class Session:
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}, opt)
             files = {
                 "adapter.safetensors": save_tensors(self.adapter.state()),
+                **({"ema.safetensors": save_tensors(self.ema.state())} if self.ema else {}),
                 "optimizer.pt": opt.getvalue(),
                 **{_rank_file(name, rank): data for rank, theirs in enumerate(ranks) for name, data in theirs.items()},
                 "config.toml": to_toml(self.cfg, comments=False).encode(),
@@ -446,6 +469,8 @@ class Session:
         if not any(key.startswith(f"{DENOISER}.") for key in state):  # written before names had components
             state = {f"{DENOISER}.{key}": value for key, value in state.items()}
         self.adapter.load_state(state)
+        if self.ema:
+            self.ema.load_state(load_tensors(files["ema.safetensors"]))
         opt = torch.load(io.BytesIO(files["optimizer.pt"]), weights_only=True)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
@@ -490,18 +515,29 @@ class Session:
                     f"edited). Restore it, or use a new output.run_dir to train on the new content.")
 
     def export(self, path: str | Path | None = None, dtype: str = "bf16") -> Path:
-        """Write the adapter for ComfyUI's LoraLoader and diffusers, with kohya-style metadata.
+        """Write the adapter for ComfyUI's LoraLoader and diffusers, with kohya-style metadata; returns its path.
 
-        Rank 0 writes it (every rank holds the same adapter); every rank returns its path.
+        A whole-model adapter writes a diff patch there (the LoraLoader applies it as any adapter) and the whole
+        model as ``<stem>-model.safetensors`` (ComfyUI's diffusion_models layout). With a moving average, the same
+        files again from the averaged weights, as ``<stem>-ema...``. Rank 0 writes them (every rank holds the same
+        weights); every rank returns the path.
         """
         if path is None and not plain_file_name(self.cfg.output.name):
             raise ConfigError(f"output.name {self.cfg.output.name!r} must be a plain file name (no '/', '\\' or "
                               f"'..'): it would be written outside {self.run_dir}")
         path = Path(path) if path else self.run_dir / f"{self.cfg.output.name}.safetensors"
         meta = kohya_metadata(self.cfg, self.state.step, self.base_fingerprint, self.family)
-        if self.is_main:
-            write_adapter(path, self.adapter.export(), self.family, EXPORT_DTYPES[dtype], meta)
-        self._emit({"type": "export", "step": self.state.step, "path": str(path)})
+        kinds = [(path, nullcontext())]
+        if self.ema:
+            kinds.append((companion(path, "ema"), self.ema.applied(self.params)))
+        written: list[Path] = []
+        for where, weights in kinds:
+            with weights:
+                if self.is_main:
+                    written += write_exports(where, self.adapter, self.denoiser, self.family, EXPORT_DTYPES[dtype],
+                                             meta)
+        self._emit({"type": "export", "step": self.state.step, "path": str(path),
+                    "files": [str(p) for p in written]})
         return path
 
     def _emit(self, event: Event) -> None:

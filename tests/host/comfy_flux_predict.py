@@ -1,6 +1,7 @@
 """Run inside a ComfyUI environment: load a Flux file and a LoRA with ComfyUI's own code, predict, report.
 
 Usage: python comfy_flux_predict.py COMFYUI_PATH BASE.safetensors LORA.safetensors INPUTS.safetensors OUT.safetensors
+BASE is loaded as UNETLoader loads a diffusion_models file; LORA "-" predicts with BASE alone.
 Prints one JSON line: the LoRA keys ComfyUI did not load and the detected model class.
 """
 
@@ -57,7 +58,8 @@ def main() -> None:
     logging.getLogger().addHandler(capture)
     patcher = comfy.sd.load_diffusion_model(base, model_options={"dtype": torch.float32})
     x = load_file(inputs)
-    lora_patcher, _ = comfy.sd.load_lora_for_models(patcher, None, comfy.utils.load_torch_file(lora), 1.0, 0)
+    lora_patcher = patcher if lora == "-" else comfy.sd.load_lora_for_models(
+        patcher, None, comfy.utils.load_torch_file(lora), 1.0, 0)[0]
     mm.load_models_gpu([lora_patcher])
     with torch.no_grad():
         pred = lora_patcher.model.diffusion_model(x["x"], x["t"], x["context"], x["y"], x["guidance"])

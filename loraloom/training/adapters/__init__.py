@@ -15,7 +15,11 @@ from ..errors import ConfigError
 # adapter.algorithm -> "module:class" under this package.
 ALGORITHMS = {
     "lora": "lora:Lora",
+    "full": "full:Full",
 }
+# The algorithms whose class says ``whole_model`` (they train the model's own weights), known without importing
+# them: the config refuses float8 / 4-bit bases for them. tests/test_full.py checks it against the classes.
+WHOLE_MODEL = frozenset({"full"})
 
 
 def algorithm(name: str) -> type:

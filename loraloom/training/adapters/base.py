@@ -85,7 +85,9 @@ class Adapter(ABC):
 
     name: ClassVar[str]  # adapter.algorithm
     layers: ClassVar[tuple[type, ...]] = (torch.nn.Linear,)  # the module types it wraps
-    whole_model: ClassVar[bool] = False  # trains the targets' own weights (full fine-tune), not a delta
+    # Trains the targets' own weights (full fine-tune), not a delta: it must keep the model's module names (wrap
+    # nothing), and is exported as the whole model in the family's native layout plus a diff patch.
+    whole_model: ClassVar[bool] = False
 
     def __init__(self, components: dict[str, torch.nn.Module], targets: list[Target], settings: AdapterConfig,
                  seed: int):
@@ -120,5 +122,8 @@ class Adapter(ABC):
         format). ``groups`` maps target names to their tensors; ValueError naming what does not fit."""
 
     def trained_weights(self) -> dict[str, torch.Tensor]:
-        """For a whole-model adapter: ``<target>.weight`` / ``.bias`` as trained (the fine-tuned model)."""
-        raise NotImplementedError(f"{self.name} trains a delta, not the model's own weights")
+        """``<target>.weight`` (and ``.bias`` where it changes) as the trained model computes them, float32: a
+        whole-model algorithm's trained tensors, or the base weight with a delta algorithm's update folded in
+        (what ``loraloom merge`` writes). Detached, not copies: read them before the next step."""
+        raise ConfigError(f"adapter.algorithm = {self.name!r} cannot fold its update into the base weights yet: "
+                          "merge it in ComfyUI (LoraLoader, then save the model)")

@@ -109,6 +109,17 @@ class Lora(Adapter):
             state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"] = down, up
         self.load_state(state)
 
+    def trained_weights(self) -> dict[str, torch.Tensor]:
+        """``<target>.weight``: the base weight plus peft's delta ``(alpha / r) · B A``, float32."""
+        weights = {}
+        for name, layer in self.layers.items():
+            base = layer.get_base_layer().weight
+            if not base.is_floating_point():
+                raise ValueError(f"{name}: the base weight is stored in {base.dtype} (4-bit); load the base in "
+                                 "bf16/fp32 to fold the LoRA into it")
+            weights[f"{name}.weight"] = base.detach().float() + layer.get_delta_weight(ADAPTER_NAME).float()
+        return weights
+
 
 class _RankDropout:
     """A forward pre-hook of ``lora_B``: dropout on its input, A x (…, r), while the module is training."""

@@ -213,6 +213,16 @@ class Family(ABC):
         """The name ComfyUI's LoRA loader reads for ``module`` of ``component`` (without the tensor suffix)."""
 
     @abstractmethod
+    def native_state_dict(self, denoiser_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The denoiser's whole state dict (module names as :meth:`load_denoiser` builds it) in the layout of the
+        single file ComfyUI's ``diffusion_models`` loader (UNETLoader) reads and :meth:`load_denoiser` loads back.
+
+        Full fine-tunes and merges are written through it. It must be linear in the tensors (renames,
+        concatenations, splits, reshapes, permutations only), so that applied to weight differences it gives the
+        differences of the native tensors: whole-model patches are written through it too. Tensors are not copied
+        where a rename suffices; the input is not changed."""
+
+    @abstractmethod
     def metadata(self, cfg: RunConfig) -> dict[str, str]:
         """kohya ``ss_*`` and modelspec fields that name this family in exported files."""
 

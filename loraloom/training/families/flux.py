@@ -21,7 +21,7 @@ from ..objectives import flow_match_inputs, inference_sigmas, sample_timesteps
 from ..precision import DTYPES, assign_weights
 from . import parts
 from .base import DENOISER, Family, FullSize, Geometry, ModelFile, Noised, TinyModel, TokenizerFolder
-from .flux_layout import transformer_from_bfl
+from .flux_layout import transformer_from_bfl, transformer_to_bfl
 
 if TYPE_CHECKING:
     from diffusers import FluxTransformer2DModel
@@ -343,6 +343,10 @@ class Flux(Family):
         if component != DENOISER:
             raise ValueError(f"Flux trains no {component}")
         return EXPORT_PREFIX + module
+
+    def native_state_dict(self, denoiser_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """BFL keys (``double_blocks.N.img_attn.qkv`` fused, ...), as flux1-dev.safetensors."""
+        return transformer_to_bfl(denoiser_state)
 
     def metadata(self, cfg: RunConfig) -> dict[str, str]:
         return {"ss_network_module": "networks.lora_flux", "ss_base_model_version": "flux1",
