@@ -16,8 +16,10 @@ For 512² and 1024², batch 1 and 4, bf16 / fp8 / nf4 bases, with and without bl
   makes one: the loss and gradient norm read at its end).
 
 Configurations run most important first (bf16 1024² batch 1 for MFU, fp8 and nf4 + offloading for memory)
-and stop starting new ones after ``--budget-s`` seconds; every finished one is already written to ``--out``
-(JSON lines), so a cut-off run still reports. Unattended on one H100/H200 in about 10 minutes::
+and stop starting new ones after ``--budget-s`` seconds. Each measurement is written to ``--out`` (JSON lines,
+``"measured": true``) and printed as soon as it is taken, so a cut-off run still reports; the FLOPs and the
+planner's estimates (shapes only) are computed meanwhile in worker processes on the CPU and joined into the
+table printed at the end (and its rows appended to ``--out``). Unattended on one H100/H200 in about 10 minutes::
 
     python benchmarks/gpu.py --out $OUT/gpu.jsonl
     python benchmarks/gpu.py --smoke        # CPU, the tiny models, one step each: checks the script
@@ -247,31 +249,29 @@ def run_one(trainer: Trainer, warmup: int, steps: int) -> dict:
             "syncs_per_step": syncs_per_step(trainer)}
 
 
-def benchmark_family(family: Family, args: argparse.Namespace, device: torch.device, report: Callable[[dict], None],
-                     deadline: float) -> None:
+def benchmark_family(family: Family, args: argparse.Namespace, device: torch.device, log: Callable[[dict], None],
+                     deadline: float) -> list[dict]:
     """Every set-up of :data:`SETUPS` at every size, then (``--compile``) bf16 with compiled blocks at the first
-    size: compiling takes minutes, so it comes last."""
-    shape, dtype = family_shape(family, args.smoke), args.dtype
+    size (compiling takes minutes, so it comes last). Each measurement is logged as it finishes; the returned
+    rows add the shape-only figures (FLOPs, estimates), computed meanwhile in other processes."""
+    shape = family_shape(family, args.smoke)
     shapes = [(r, b) for r in args.resolutions for b in args.batches]
     shapes.sort(key=lambda rb: (rb[1], -rb[0]))  # batch 1 first, 1024 before 512
-    pool = None
     if args.smoke:
-        figures = {rb: _done(analyse(family.name, *rb, dtype, args.smoke)) for rb in shapes}
-    else:  # in other processes, while the GPU runs
-        pool = ProcessPoolExecutor(max_workers=min(4, len(shapes)), mp_context=multiprocessing.get_context("spawn"))
-        figures = {rb: pool.submit(analyse, family.name, *rb, dtype, args.smoke) for rb in shapes}
-    try:
-        _run_setups(family, args, device, report, deadline, shape, shapes, figures)
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+        figures = {rb: _done(analyse(family.name, *rb, args.dtype, args.smoke)) for rb in shapes}
+        return [_with_figures(row, figures, device, args) for row in _run_setups(family, args, device, log, deadline,
+                                                                                 shape, shapes)]
+    # Two threads a worker: the GPU's host thread keeps a core to launch kernels.
+    with ProcessPoolExecutor(max_workers=min(4, len(shapes)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(2,)) as pool:
+        figures = {rb: pool.submit(analyse, family.name, *rb, args.dtype, args.smoke) for rb in shapes}
+        rows = _run_setups(family, args, device, log, deadline, shape, shapes)
+        return [_with_figures(row, figures, device, args) for row in rows]
 
 
-def _run_setups(family: Family, args: argparse.Namespace, device: torch.device, report: Callable[[dict], None],
-                deadline: float, shape: Shape, shapes: list[tuple[int, int]], figures: dict[tuple[int, int], Future]
-                ) -> None:
-    dtype = args.dtype
-    peak = peak_tflops(device, args.peak_tflops)
+def _run_setups(family: Family, args: argparse.Namespace, device: torch.device, log: Callable[[dict], None],
+                deadline: float, shape: Shape, shapes: list[tuple[int, int]]) -> list[dict]:
+    dtype, rows = args.dtype, []
     # (precision, offload, gradient checkpointing, compiled, sizes)
     runs = [(precision, offload, True, False, shapes) for precision, offload in SETUPS
             if precision in args.precisions and offload in args.offload]
@@ -280,10 +280,10 @@ def _run_setups(family: Family, args: argparse.Namespace, device: torch.device, 
     if args.compile:
         runs.append(("bf16", "none", True, True, shapes[:1]))
     for precision, offload, checkpointing, compiled, sizes_run in runs:
-        row = {"family": family.name, "precision": precision, "offload": offload, "checkpointing": checkpointing,
-               "compiled": compiled}
+        setup = {"family": family.name, "precision": precision, "offload": offload, "checkpointing": checkpointing,
+                 "compiled": compiled}
         if time.monotonic() > deadline:
-            report({**row, "skipped": "time budget"})
+            rows.append(_logged(log, {**setup, "skipped": "time budget"}))
             continue
         model = build(family, precision, device, dtype, args.smoke)
         adapter = adapters.attach({DENOISER: model}, {DENOISER: family.targets[adapter_settings(family).targets]},
@@ -295,36 +295,49 @@ def _run_setups(family: Family, args: argparse.Namespace, device: torch.device, 
             compile_blocks(model, Path(args.cache))
         params = [p for ps in adapter.parameters().values() for p in ps]
         for resolution, batch in sizes_run:
-            row = {**row, "resolution": resolution, "batch": batch}
+            row = {**setup, "resolution": resolution, "batch": batch}
             if time.monotonic() > deadline:
-                report({**row, "skipped": "time budget"})
+                rows.append(_logged(log, {**row, "skipped": "time budget"}))
                 continue
             try:
                 trainer = Trainer(family, model, params, device, dtype,
                                   inputs(shape, resolution, batch, device, dtype), 1000)
-                result = run_one(trainer, args.warmup + (2 if compiled else 0), args.steps)
+                row.update(run_one(trainer, args.warmup + (2 if compiled else 0), args.steps))
             except torch.OutOfMemoryError:
-                report({**row, "skipped": "out of memory"})
-                continue
+                row["skipped"] = "out of memory"
             finally:
                 for p in params:
                     p.grad = None
                 gc.collect()
-            shaped = figures[resolution, batch].result()
-            total, forward = shaped["total"], shaped["forward"]
-            tflops = total / result["s_per_step"] / 1e12
-            recomputed = forward if checkpointing else 0
-            report({**row, **result, "model_tflop_per_step": total / 1e12, "achieved_tflops": tflops,
-                    "hw_tflops": (total + recomputed) / result["s_per_step"] / 1e12,
-                    "mfu": tflops / peak if peak else None,
-                    "estimate_gb": shaped["estimates"][f"{precision}/{offload}/{checkpointing}"],
-                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"})
+            rows.append(_logged(log, row))
         if mover is not None:
             mover.remove()
         del model, adapter, params, mover
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    return rows
+
+
+def _logged(log: Callable[[dict], None], row: dict) -> dict:
+    log(row)
+    return row
+
+
+def _with_figures(row: dict, figures: dict[tuple[int, int], Future], device: torch.device,
+                  args: argparse.Namespace) -> dict:
+    """``row`` with FLOPs, TFLOP/s, MFU and the planner's estimate."""
+    if "skipped" in row or "resolution" not in row:
+        return row
+    shaped = figures[row["resolution"], row["batch"]].result()
+    total, forward, seconds = shaped["total"], shaped["forward"], row["s_per_step"]
+    peak = peak_tflops(device, args.peak_tflops)
+    tflops = total / seconds / 1e12
+    recomputed = forward if row["checkpointing"] else 0
+    return {**row, "model_tflop_per_step": total / 1e12, "achieved_tflops": tflops,
+            "hw_tflops": (total + recomputed) / seconds / 1e12, "mfu": tflops / peak if peak else None,
+            "estimate_gb": shaped["estimates"][f"{row['precision']}/{row['offload']}/{row['checkpointing']}"],
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
 
 
 def _done(value) -> Future:
@@ -340,6 +353,12 @@ COLUMNS = ("family", "precision", "offload", "checkpointing", "compiled", "resol
 def cell(value) -> str:
     """A table cell: floats to 3 significant digits."""
     return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def table_row(row: dict) -> str:
+    if "skipped" in row:
+        return "| " + " | ".join(cell(row.get(c, "")) for c in COLUMNS[:7]) + f" | skipped: {row['skipped']} |"
+    return "| " + " | ".join(cell(row.get(c)) for c in COLUMNS) + " |"
 
 
 def main() -> None:
@@ -366,20 +385,17 @@ def main() -> None:
     deadline = time.monotonic() + args.budget_s
     args.out.parent.mkdir(parents=True, exist_ok=True)
     print(f"# {device} {torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, torch "
-          f"{torch.__version__}; LoRA rank 16; gradient checkpointing; results -> {args.out}")
-    print("| " + " | ".join(COLUMNS) + " |")
-    print("|" + "---|" * len(COLUMNS))
+          f"{torch.__version__}; LoRA rank 16; results -> {args.out}", flush=True)
 
-    def report(row: dict) -> None:
+    def write(row: dict) -> None:
         with open(args.out, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-        if "skipped" in row:
-            print(f"| {row['family']} | {row['precision']} | {row['offload']} | {row['checkpointing']} | "
-                  f"{row['compiled']} | {row.get('resolution', '')} | {row.get('batch', '')} | skipped: "
-                  f"{row['skipped']} |")
-        else:
-            print("| " + " | ".join(cell(row.get(c)) for c in COLUMNS) + " |", flush=True)
 
+    def log(row: dict) -> None:  # a measurement as soon as it is taken, in case the run is cut off
+        write({"measured": True, **row})
+        print("# measured: " + json.dumps(row), flush=True)
+
+    rows = []
     for name in args.families:
         family = FAMILIES[name]
         try:
@@ -387,7 +403,12 @@ def main() -> None:
         except NotImplementedError as e:
             print(f"# {name}: skipped ({e})")
             continue
-        benchmark_family(family, args, device, report, deadline)
+        rows += benchmark_family(family, args, device, log, deadline)
+    print("| " + " | ".join(COLUMNS) + " |")
+    print("|" + "---|" * len(COLUMNS))
+    for row in rows:
+        write(row)
+        print(table_row(row))
     sys.stdout.flush()
 
 

@@ -1,10 +1,11 @@
 """``train.compile``: torch.compile of each repeated block (regional compilation), its code cached across runs.
 
-Each block's ``forward`` is compiled, not the module call: forward hooks (block offloading, the adapter's rank
-dropout inside stay traced) and gradient checkpointing wrap the compiled code as they wrap the eager one. The
-blocks of one kind share their compiled code (same code, same shapes), so a Flux model compiles two blocks,
-not 57. Inductor's caches go to ``<cache_dir>/torchinductor`` unless ``TORCHINDUCTOR_CACHE_DIR`` is set: the
-next run (or a resumed one) loads the compiled kernels instead of compiling them again.
+Each block's ``forward`` is compiled, not the module call: forward hooks (block offloading) and gradient
+checkpointing wrap the compiled code as they wrap the eager one, and the adapter's layers and rank dropout
+inside are traced with it. The blocks of one kind share their compiled code (same code, same shapes), so a
+model of two block kinds compiles two blocks, however deep it is. Inductor's caches go to
+``<cache_dir>/torchinductor`` unless ``TORCHINDUCTOR_CACHE_DIR`` names another folder: the next run (or a resumed
+one) loads the compiled kernels instead of compiling them again.
 """
 
 from __future__ import annotations

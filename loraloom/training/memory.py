@@ -215,9 +215,9 @@ class _FusedAttention(TorchFunctionMode):
     """Scaled dot-product attention as a GPU runs it, for :func:`_saved_bytes` on the meta device.
 
     On the meta device SDPA falls back to its math form, which saves the (B, heads, L, L) attention matrix for
-    backward: 2 GB per Flux block at 1024². CUDA runs FlashAttention (or the memory-efficient kernel with a
-    mask), which saves only q, k, v, the output and per-row statistics; this mode calls those kernels' meta
-    forms instead."""
+    backward: gigabytes per block of a 12B transformer at 1024². CUDA runs FlashAttention (or the
+    memory-efficient kernel with a mask), which saves only q, k, v, the output and per-row statistics; this mode
+    calls those kernels' meta forms instead."""
 
     ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 

@@ -1,7 +1,7 @@
 """Keeping the frozen base and the saved activations in CPU memory while a GPU trains.
 
 **Block offloading** (``model.offload = "blocks"``). The denoiser's repeated blocks (diffusers'
-``_repeated_blocks``: Flux's double and single blocks, SDXL's transformer blocks, ...) keep their frozen
+``_repeated_blocks``: a transformer's double and single blocks, a UNet's transformer blocks) keep their frozen
 parameters and buffers in CPU memory, pinned on CUDA. A forward pre-hook puts device copies in place of a
 block's tensors for the length of its call; a forward hook puts the CPU originals back, also when gradient
 checkpointing stops a recomputation early. Autograd only ever sees the copies, and keeps those it saved for as
