@@ -77,7 +77,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="rank 2, one round: checks that the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.rounds, args.rank = 1, 2
     torch.set_num_threads(args.threads)
     model = build(BENCH, seed=0).denoiser.requires_grad_(False)
     g = torch.Generator().manual_seed(0)

@@ -6,10 +6,12 @@ Full Flux has 19 double and 38 single blocks; the full-size figure is extrapolat
 (measured as a 2+2 model minus a 1+1 model of the same width).
 
     python benchmarks/base_memory.py
+    python benchmarks/base_memory.py --smoke   # the tiny width: checks that it runs
 """
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +19,7 @@ from pathlib import Path
 import torch
 
 from loraloom.training.families import flux
-from loraloom.training.families.flux_kit import REAL_WIDTH, build, write
+from loraloom.training.families.flux_kit import REAL_WIDTH, TINY, build, write
 from loraloom.training.precision import quantize_nf4, store_float8
 
 FLUX_DOUBLE, FLUX_SINGLE = 19, 38
@@ -37,10 +39,14 @@ def load(path: Path, precision: str) -> torch.nn.Module:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="the tiny width instead of the real one")
+    args = parser.parse_args()
+    width = TINY if args.smoke else REAL_WIDTH
     with tempfile.TemporaryDirectory() as tmp:
         files = {}
         for blocks in (1, 2):
-            size = replace(REAL_WIDTH, double_blocks=blocks, single_blocks=blocks)
+            size = replace(width, double_blocks=blocks, single_blocks=blocks)
             written = write(build(size, seed=0), Path(tmp) / str(blocks), diffusers=False)
             files[blocks] = written["diffusion_model_fp8"]  # fp8 on disk: the file users download
         print("| precision | 1+1 blocks | per double + single block | full Flux (19 + 38), extrapolated |")
@@ -55,7 +61,7 @@ def main() -> None:
             single = sum(p.numel() for p in model.single_transformer_blocks.parameters())
             full = rest + per_block * (FLUX_DOUBLE * double + FLUX_SINGLE * single) / (double + single)
             print(f"| {precision} | {one / 2**20:.0f} MiB | {per_block / 2**20:.0f} MiB | {full / 2**30:.1f} GiB |")
-        x = torch.randn(256, 3072)
+        x = torch.randn(256, width.heads * width.head_dim)
         plain = load(files[1], "bf16").transformer_blocks[0].attn.to_q
         quantized = load(files[1], "nf4").transformer_blocks[0].attn.to_q
         with torch.no_grad():

@@ -21,6 +21,7 @@ import random
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -135,7 +136,11 @@ def main() -> None:
     parser.add_argument("--captions", type=int, default=100_000, help="captions for the throughput figure")
     parser.add_argument("--folder", type=Path, default=Path("/tmp/loraloom-scale"))
     parser.add_argument("--step", choices=["index", "captions"], help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true", help="3000 records, 1000 captions: checks that it runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.records, args.captions = 3000, 1000
+        args.folder = Path(tempfile.mkdtemp(prefix="loraloom-scale-"))
     metadata, cache = args.folder / f"danbooru-{args.records}.parquet", args.folder / "cache"
     if args.step == "index":
         print(json.dumps(index_step(metadata, cache)))

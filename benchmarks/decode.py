@@ -10,6 +10,7 @@ size) against decoding every pixel and resizing the same way, and reports the me
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,7 +47,10 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=40)
     parser.add_argument("--size", default="4000x3000")
     parser.add_argument("--folder", type=Path, default=Path("/tmp/loraloom-decode"))
+    parser.add_argument("--smoke", action="store_true", help="two 1200x900 JPEGs: checks that it runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.count, args.size, args.folder = 2, "1200x900", Path(tempfile.mkdtemp(prefix="loraloom-decode-"))
     torch.set_num_threads(1)
     size = tuple(int(v) for v in args.size.split("x"))
     paths = write_photos(args.folder, args.count, size)

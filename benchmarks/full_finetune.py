@@ -6,6 +6,7 @@ so a busy machine slows all three alike; the median and the fastest step time of
 ratios to LoRA (on a shared machine the fastest is the least disturbed)::
 
     python benchmarks/full_finetune.py --rounds 4 --steps 3
+    python benchmarks/full_finetune.py --smoke   # one round of one step: checks that it runs
 """
 
 from __future__ import annotations
@@ -78,7 +79,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="one round of one step")
     args = parser.parse_args()
+    if args.smoke:
+        args.rounds, args.steps = 1, 1
     with tempfile.TemporaryDirectory() as folder:
         print(json.dumps(measure(Path(folder), args.rounds, args.steps), indent=1))
 

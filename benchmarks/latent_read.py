@@ -15,6 +15,7 @@ import argparse
 import os
 import random
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,7 +53,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--folder", type=Path, default=Path("/tmp/loraloom-latents"))
+    parser.add_argument("--smoke", action="store_true", help="8 files, 3 rounds: checks that it runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.files, args.batch, args.rounds = 8, 2, 3
+        args.folder = Path(tempfile.mkdtemp(prefix="loraloom-latents-"))
     torch.set_num_threads(1)
     entries = {"latent bf16": lambda: {"latent": torch.randn(16, 128, 128).bfloat16()},
                "latent fp32": lambda: {"latent": torch.randn(16, 128, 128)},

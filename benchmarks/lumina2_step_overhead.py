@@ -12,6 +12,7 @@ full Lumina-Image-2.0 (26 layers), counted on a meta-device model (nothing alloc
 
     python benchmarks/lumina2_step_overhead.py [--rounds 4] [--steps 2] [--precision fp32] [--resolution 128]
     python benchmarks/lumina2_step_overhead.py --presets
+    python benchmarks/lumina2_step_overhead.py --smoke   # the tiny model, one step a loop, and the presets
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def step_overhead(args: argparse.Namespace) -> None:
     from safetensors.torch import load_file
 
     root = Path(tempfile.mkdtemp(prefix="loraloom-lumina2-bench-"))
-    files = LUMINA.write_tiny(LUMINA.tiny(seed=0, real_width=True), root / "models", diffusers=False)
+    files = LUMINA.write_tiny(LUMINA.tiny(seed=0, real_width=not args.smoke), root / "models", diffusers=False)
     write_shapes_dataset(root / "images", count=2, size=args.resolution, seed=0, trigger="zwx")
     session = Session.open(load_config(engine_config(files, root / "images", root / "run", args.precision,
                                                      args.resolution, args.text_length)))
@@ -153,8 +154,14 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--text-length", type=int, default=256)
     parser.add_argument("--presets", action="store_true", help="only count the adapter sizes per preset")
+    parser.add_argument("--smoke", action="store_true", help="the tiny model, 64 px, 16 tokens, one step a loop, "
+                        "then the presets: checks that the script runs")
     args = parser.parse_args()
-    if args.presets:
+    if args.smoke:
+        args.rounds, args.steps, args.resolution, args.text_length = 1, 1, 64, 16
+        step_overhead(args)
+        presets()
+    elif args.presets:
         presets()
     else:
         step_overhead(args)

@@ -195,11 +195,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="resume-stress-")))
     parser.add_argument("--checkpoint-figures", choices=["tiny", "real-width"],
                         help="instead of killing runs, measure checkpoint size and write time")
+    parser.add_argument("--smoke", action="store_true", help="2 kills in 4 steps: checks that it runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.kills, args.steps = 2, 4
     if args.checkpoint_figures:
         print(json.dumps(checkpoint_figures(args.checkpoint_figures, args.out), indent=1))
         return
-    config = demo.prepare(args.out, images=8, steps=args.steps, vae_steps=0)
+    # The smoke run skips pre-training the demo's base: a random one resumes just as exactly.
+    config = demo.prepare(args.out, images=8, steps=args.steps, vae_steps=0, base_steps=0 if args.smoke else 600)
     common = [f"train.steps={args.steps}", "train.checkpoint_every=2", "train.keep_checkpoints=2",
               "train.keep_checkpoint_every=8", "train.validate_every=5", "train.gradient_accumulation=2",
               "train.batch_size=2", "adapter.dropout=0.1"]

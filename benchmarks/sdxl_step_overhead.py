@@ -9,6 +9,7 @@ machine hits both alike, and the figure is the ratio of medians.
 
     python benchmarks/sdxl_step_overhead.py [--rounds 6] [--steps 2] [--resolution 256]
     python benchmarks/sdxl_step_overhead.py --presets   # parameter counts per preset (no training)
+    python benchmarks/sdxl_step_overhead.py --smoke     # the tiny model, one step a loop, and the presets
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def timed(fn) -> float:
 
 def overhead(args: argparse.Namespace) -> None:
     root = Path(tempfile.mkdtemp(prefix="loraloom-sdxl-bench-"))
-    files = SDXL.write_tiny(SDXL.tiny(seed=0, real_width=True), root / "models")
+    files = SDXL.write_tiny(SDXL.tiny(seed=0, real_width=not args.smoke), root / "models")
     write_shapes_dataset(root / "images", count=2, size=args.resolution, seed=0, trigger="zwx")
     session = Session.open(load_config(engine_config(files, root / "images", root / "run", args.precision,
                                                      args.resolution)))
@@ -159,8 +160,14 @@ def main() -> None:
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="fp32")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--presets", action="store_true", help="print parameter counts per preset and stop")
+    parser.add_argument("--smoke", action="store_true", help="the tiny model, 64 px, one step a loop, then the "
+                        "presets: checks that the script runs")
     args = parser.parse_args()
-    if args.presets:
+    if args.smoke:
+        args.rounds, args.steps, args.resolution = 1, 1, 64
+        overhead(args)
+        presets()
+    elif args.presets:
         presets()
     else:
         overhead(args)

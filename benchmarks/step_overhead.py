@@ -1,10 +1,13 @@
-"""Engine step time divided by a bare PyTorch + diffusers + peft loop's, measured in one process.
+"""Engine step time divided by a bare PyTorch + diffusers + peft loop's, measured in one process; and the
+engine's step with LoRA dropout on the rank-r activation against peft's dropout on the layer input.
 
-Same model, batch, precision, LoRA (with dropout), gradient checkpointing and 512 text tokens. Steps of the
-two loops are interleaved in rounds so that load on a shared machine hits both alike; the figure is the
-ratio of medians.
+Same model, batch, precision, LoRA (dropout 0.1), gradient checkpointing and 512 text tokens. The engine with
+peft's input dropout (adapter.dropout_on = "input") is compared with the bare loop, which can only do that;
+the engine with rank dropout (the default) with the engine with input dropout. Steps of the three loops are
+interleaved in rounds so that load on a shared machine hits them alike; the figures are ratios of medians.
 
     python benchmarks/step_overhead.py [--rounds 8] [--steps 3] [--precision bf16]
+    python benchmarks/step_overhead.py --smoke   # the tiny model, one round: checks that the script runs
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from loraloom.training.config import RunConfig, load_config, to_toml
 from loraloom.training.demo_data import write_shapes_dataset
 from loraloom.training.families import flux
-from loraloom.training.families.flux_kit import FluxSize, build, write
+from loraloom.training.families.flux_kit import TINY, FluxSize, build, write
 from loraloom.training.objectives import flow_match_inputs, sample_timesteps
 from loraloom.training.session import Session
 
@@ -35,19 +38,21 @@ BENCH = FluxSize(heads=4, head_dim=128, double_blocks=2, single_blocks=2, t5_wid
                  t5_ff=256, clip_width=768, vae_widths=(32, 32, 64))
 
 
-def engine_config(files: dict, images: Path, run: Path, precision: str, batch: int, resolution: int) -> Path:
+def engine_config(files: dict, images: Path, run: Path, args: argparse.Namespace, dropout_on: str) -> Path:
     cfg = RunConfig()
     cfg = replace(
         cfg,
-        model=replace(cfg.model, transformer=str(files["diffusers"]), text_encoder=str(files["diffusers"]),
-                      text_encoder_2=str(files["diffusers"]), vae=str(files["diffusers"]), text_length=512),
-        data=replace(cfg.data, images=str(images), resolution=resolution, validation_images=0),
-        adapter=replace(cfg.adapter, rank=16, alpha=16.0, dropout=0.1, targets="attention_mlp"),
-        train=replace(cfg.train, steps=10_000, batch_size=batch, mixed_precision=precision,
+        model=replace(cfg.model, diffusion_model=str(files["diffusers"]), text_encoder=str(files["diffusers"]),
+                      text_encoder_2=str(files["diffusers"]), vae=str(files["diffusers"]),
+                      text_length=args.text_length),
+        data=replace(cfg.data, images=str(images), resolution=args.resolution, validation_images=0),
+        adapter=replace(cfg.adapter, rank=16, alpha=16.0, dropout=0.1, dropout_on=dropout_on,
+                        targets="attention_mlp"),
+        train=replace(cfg.train, steps=10_000, batch_size=args.batch, mixed_precision=args.precision,
                       gradient_checkpointing=True, checkpoint_every=0, validate_every=0),
         output=replace(cfg.output, run_dir=str(run)),
     )
-    path = run.parent / "bench.toml"
+    path = run.parent / f"{run.name}.toml"
     path.write_text(to_toml(cfg))
     return path
 
@@ -68,7 +73,7 @@ class BareLoop:
         self.model.enable_gradient_checkpointing()
         self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
         self.dtype = session.compute_dtype
-        item = session.train_items[0]
+        item = session.val_items[0]  # with data.validation_images = 0, a training image
         b = session.cfg.train.batch_size
         self.x0 = flux.scale_latents(item.latent[None].repeat(b, 1, 1, 1))
         self.t5 = item.text["t5"][None].repeat(b, 1, 1)
@@ -106,27 +111,37 @@ def main() -> None:
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--text-length", type=int, default=512)
+    parser.add_argument("--smoke", action="store_true", help="the tiny model, 64 px, 16 tokens, fp32, one step a loop")
     args = parser.parse_args()
+    size = BENCH
+    if args.smoke:
+        size, args.rounds, args.steps, args.resolution, args.text_length = TINY, 1, 1, 64, 16
+        args.precision = "fp32"  # bf16 matmuls are slow on CPUs without bf16 units
     root = Path(tempfile.mkdtemp(prefix="loraloom-bench-"))
-    files = write(build(BENCH, seed=0), root / "models")
+    files = write(build(size, seed=0), root / "models")
     write_shapes_dataset(root / "images", count=4, size=args.resolution, seed=0, trigger="zwx")
-    cfg = load_config(engine_config(files, root / "images", root / "run", args.precision, args.batch,
-                                    args.resolution))
-    session = Session.open(cfg)
-    bare = BareLoop(files["diffusers"], session, args.precision)
-    session.step(2)  # warm-up both
-    bare.step(), bare.step()
-    engine_times, bare_times = [], []
+    engines = {form: Session.open(load_config(engine_config(files, root / "images", root / form, args, form)))
+               for form in ("input", "rank")}
+    bare = BareLoop(files["diffusers"], engines["input"], args.precision)
+    loops = {"engine, input dropout": lambda: engines["input"].step(1),
+             "engine, rank dropout": lambda: engines["rank"].step(1), "bare, input dropout": bare.step}
+    for loop in loops.values():  # warm-up
+        loop(), loop()
+    times: dict[str, list[float]] = {name: [] for name in loops}
     for _ in range(args.rounds):
-        engine_times += [timed(lambda: session.step(1)) for _ in range(args.steps)]
-        bare_times += [timed(bare.step) for _ in range(args.steps)]
-    e, b = statistics.median(engine_times), statistics.median(bare_times)
+        for name, loop in loops.items():
+            times[name] += [timed(loop) for _ in range(args.steps)]
+    median = {name: statistics.median(t) for name, t in times.items()}
     tokens = (args.resolution // 16) ** 2
-    print(f"model: hidden {BENCH.heads * BENCH.head_dim}, {BENCH.double_blocks}+{BENCH.single_blocks} blocks, "
-          f"context 4096; batch {args.batch}, {tokens} image + 512 text tokens, {args.precision}, "
-          f"LoRA r16 dropout 0.1, gradient checkpointing; torch threads {torch.get_num_threads()}")
-    print(f"engine median {e:.3f} s/step, bare median {b:.3f} s/step over {len(engine_times)} steps each")
-    print(f"ratio engine/bare = {e / b:.3f}")
+    print(f"model: hidden {size.heads * size.head_dim}, {size.double_blocks}+{size.single_blocks} blocks, "
+          f"context {size.t5_width}; batch {args.batch}, {tokens} image + {args.text_length} text tokens, "
+          f"{args.precision}, LoRA r16 dropout 0.1, gradient checkpointing; torch threads {torch.get_num_threads()}")
+    for name, value in median.items():
+        print(f"{name}: median {value:.3f} s/step over {len(times[name])} steps")
+    e, r, b = median["engine, input dropout"], median["engine, rank dropout"], median["bare, input dropout"]
+    print(f"ratio engine/bare = {e / b:.3f} (both with peft's input dropout)")
+    print(f"ratio rank dropout/input dropout = {r / e:.3f} (engine)")
 
 
 if __name__ == "__main__":

@@ -124,8 +124,8 @@ def test_two_ranks_average_their_gradients_into_one_adapter_and_rank_0_alone_wri
     records = read_metrics(run_dir)
     logged = [r for r in records if r["type"] == "step"]
     assert logged[1]["loss"] == pytest.approx(union_loss, rel=1e-6)  # the mean over both ranks' batches
-    assert [r["type"] for r in records] == ["dataset", "step", "checkpoint", "step", "checkpoint", "step",
-                                            "checkpoint", "export"]  # each line once: rank 0 alone writes
+    assert [r["type"] for r in records] == ["dataset", "memory_plan", "step", "checkpoint", "step", "checkpoint",
+                                            "step", "checkpoint", "export"]  # each line once: rank 0 alone writes
     folders = sorted(p.name for p in checkpoint.checkpoint_dir(run_dir).iterdir())
     assert folders == ["step-00000001", "step-00000002", "step-00000003"]
     files = checkpoint.verified_files(run_dir / "checkpoints" / folders[-1])

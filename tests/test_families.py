@@ -165,7 +165,8 @@ def test_metadata_and_examples_are_plain_and_valid(kit):
 ENGINE_MODULES = ["loraloom/training/session.py", "loraloom/training/config.py", "loraloom/training/export.py",
                   "loraloom/training/cli.py", "loraloom/training/encoders.py", "loraloom/training/data.py",
                   "loraloom/training/demo.py", "loraloom/training/demo_data.py", "loraloom/training/checkpoint.py",
-                  "loraloom/training/tools.py", "loraloom/training/ema.py",
+                  "loraloom/training/tools.py", "loraloom/training/ema.py", "loraloom/training/memory.py",
+                  "loraloom/training/offload.py", "loraloom/training/compile.py",
                   *(str(p.relative_to(REPO)) for p in sorted((REPO / "loraloom" / "nodes").glob("*.py")))]
 
 

@@ -38,21 +38,25 @@ def model_node(family: Family) -> type:
                 **{f.name: (host.model_choices(f.folder), {"tooltip": f.doc}) for f in files},
                 **{name: widget(ModelConfig, name, **NUMBER_LIMITS.get(name, {})) for name in options},
             }, "optional": {
-                t.name: ("STRING", {"default": "", "tooltip": f"{t.doc}; empty: the one that ships with ComfyUI "
-                                    f"(comfy/{t.bundled})."}) for t in tokenizers}}
+                **{t.name: ("STRING", {"default": "", "tooltip": f"{t.doc}; empty: the one that ships with ComfyUI "
+                                       f"(comfy/{t.bundled})."}) for t in tokenizers},
+                **{name: widget(ModelConfig, name, **NUMBER_LIMITS.get(name, {})) for name in MEMORY_OPTIONS}}}
 
         def build(self, **inputs) -> tuple[ModelConfig]:
             return (ModelConfig(
                 family=family.name,
                 **{f.slot: str(host.model_path(f.folder, inputs[f.name])) for f in files},
                 **{t.slot: inputs.get(t.name) or str(host.bundled_tokenizer(t.bundled)) for t in tokenizers},
-                **{name: inputs[name] for name in options}),)
+                **{name: inputs[name] for name in options},
+                **{name: inputs[name] for name in MEMORY_OPTIONS if name in inputs}),)
 
     ModelForTraining.__name__ = ModelForTraining.__qualname__ = f"ModelForTraining{family.title.replace(' ', '')}"
     return ModelForTraining
 
 
-NUMBER_LIMITS = {"text_length": {"min": 0, "max": 4096}}
+# Every family's model node offers these (optional, so saved graphs stay valid).
+MEMORY_OPTIONS = ("vram_budget", "offload", "offload_activations")
+NUMBER_LIMITS = {"text_length": {"min": 0, "max": 4096}, "vram_budget": {"min": 0.0, "max": 1024.0, "step": 0.5}}
 
 
 class _DatasetNode:
@@ -172,6 +176,7 @@ class AdapterSettings:
             "full_matrix": widget(AdapterConfig, "full_matrix"),
             "decompose_both": widget(AdapterConfig, "decompose_both"),
             "tucker": widget(AdapterConfig, "tucker"),
+            "dropout_on": widget(AdapterConfig, "dropout_on"),
             "init_from": ([cls.NO_FILE, *host.folder_files("loras")], {
                 "default": cls.NO_FILE, "tooltip": field_doc(AdapterConfig, "init_from")}),
         }}
@@ -179,11 +184,12 @@ class AdapterSettings:
     def build(self, rank: int, alpha: float, dropout: float, targets: str, init_seed: int,
               algorithm: str = AdapterConfig.algorithm, factor: int = AdapterConfig.factor,
               full_matrix: bool = AdapterConfig.full_matrix, decompose_both: bool = AdapterConfig.decompose_both,
-              tucker: bool = AdapterConfig.tucker, init_from: str = NO_FILE) -> tuple[AdapterConfig]:
+              tucker: bool = AdapterConfig.tucker, dropout_on: str = AdapterConfig.dropout_on,
+              init_from: str = NO_FILE) -> tuple[AdapterConfig]:
         path = "" if init_from == self.NO_FILE else str(host.model_path("loras", init_from))
         return (AdapterConfig(algorithm=algorithm, rank=rank, alpha=alpha, dropout=dropout, targets=targets,
                               factor=factor, full_matrix=full_matrix, decompose_both=decompose_both, tucker=tucker,
-                              init_seed=init_seed, init_from=path),)
+                              dropout_on=dropout_on, init_seed=init_seed, init_from=path),)
 
 
 class OptimizerSettings:

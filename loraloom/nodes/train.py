@@ -156,6 +156,7 @@ class TrainSteps:
             "gpus": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": GPUS_TOOLTIP}),
             "min_snr_gamma": widget(TrainConfig, "min_snr_gamma", min=0.0, max=100.0),
             "noise_offset": widget(TrainConfig, "noise_offset", min=0.0, max=1.0, step=0.0001),
+            "compile": widget(TrainConfig, "compile"),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
@@ -167,7 +168,7 @@ class TrainSteps:
               training_seed: int, guidance: float, timesteps: str, mixed_precision: str, gradient_checkpointing: bool,
               checkpoint_every: int, validate_every: int, preview_every: int, preview_prompt: str, preview_steps: int,
               preview_guidance: float, worker_process: bool = False, gpus: int = 1, min_snr_gamma: float = 0.0,
-              noise_offset: float = 0.0, unique_id: str = ""):
+              noise_offset: float = 0.0, compile: bool = False, unique_id: str = ""):
         encoders = None
         if isinstance(dataset, EncodedDataset):
             dataset, encoders = dataset.for_training(model, worker_process or gpus > 1)
@@ -175,7 +176,8 @@ class TrainSteps:
         train = TrainConfig(steps=total_steps, batch_size=batch_size, seed=training_seed, guidance=guidance,
                             timesteps=timesteps, mixed_precision=mixed_precision,
                             gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every,
-                            validate_every=validate_every, min_snr_gamma=min_snr_gamma, noise_offset=noise_offset)
+                            validate_every=validate_every, min_snr_gamma=min_snr_gamma, noise_offset=noise_offset,
+                            compile=compile)
         prompts = (preview_prompt.strip(),) if preview_prompt.strip() else ()
         sample = SampleConfig(prompts=prompts, seeds=(training_seed,), steps=preview_steps, guidance=preview_guidance)
         cfg = run_config(output_dir, run_name, model, dataset, adapter, optimizer, train, sample)

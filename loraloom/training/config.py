@@ -63,6 +63,19 @@ class ModelConfig:
         "bf16's memory, a little slower and less exact.",
         "auto",
     )
+    offload: Literal["none", "blocks"] = doc(
+        "'blocks': keep the frozen base's repeated blocks in CPU memory and copy each to the GPU while it runs, "
+        "the next one ahead on a side stream (block swapping). Saves most of the base's GPU memory at the cost of "
+        "two copies of it over PCIe per step; needs train.gradient_checkpointing. The result is the same.",
+        "none")
+    offload_activations: bool = doc(
+        "Keep what autograd saves for backward (with gradient checkpointing: each block's input) in CPU memory, "
+        "copied out and back on a side stream. The result is the same.", False)
+    vram_budget: float = doc(
+        "GPU memory to fit, in GB (8, 12, 16, 24, 48, 80, ...; 0: off). When set, the run chooses "
+        "base_precision, train.gradient_checkpointing, offload and offload_activations itself: the fastest "
+        "set-up whose measured estimate fits, in the order bf16, + checkpointing, fp8, nf4, + block offloading, "
+        "+ activation offloading. The choice is logged (a memory_plan event in metrics.jsonl).", 0.0)
     vae_precision: Literal["fp32", "bf16", "fp16"] = doc(
         "Precision of the VAE that encodes the images (once, into the cache) and decodes previews. fp16 only with "
         "a VAE made safe for it (an fp16-fix VAE): others overflow to NaN.", "fp32")
@@ -137,8 +150,14 @@ class AdapterConfig:
     alpha: float = doc("Alpha; the update is scaled by alpha / rank (lokr: only where a factor is a low-rank "
                        "product, see full_matrix).", 16.0)
     dropout: float = doc(
-        "Dropout probability in the adapter: lora drops features of its input, locon / loha / lokr drop its "
-        "output; dora has none (leave it at 0).", 0.0)
+        "Dropout probability in the adapter (0: none, the default of sd-scripts and ai-toolkit; SimpleTuner uses "
+        "0.1): lora drops where dropout_on says, locon / loha / lokr drop its output; dora has none (leave it at "
+        "0).", 0.0)
+    dropout_on: Literal["rank", "input"] = doc(
+        "Where LoRA's dropout acts. 'rank': on the rank-r activation A·x, between the two factors (sd-scripts' "
+        "network_dropout and ai-toolkit's dropout; r values a token, so it costs next to nothing). 'input': on the "
+        "layer's full-width input before A (peft's lora_dropout and SimpleTuner's; a mask as large as the "
+        "activations, recomputed under gradient checkpointing). lora only.", "rank")
     targets: str = doc(
         "Which layers get an adapter: one of the family's presets (attention, attention_mlp, all_linear, ...).",
         "attention_mlp",
@@ -196,6 +215,10 @@ class TrainConfig:
         "Compute dtype. bf16: base and activations in bf16, trainable weights in fp32.", "bf16"
     )
     gradient_checkpointing: bool = doc("Recompute activations in backward to save memory.", True)
+    compile: bool = doc(
+        "torch.compile each repeated block of the denoiser (regional compilation): faster steps after a first "
+        "step that compiles (minutes). Compiled code is cached in <cache_dir>/torchinductor for later runs.",
+        False)
     guidance: float = doc(
         "The guidance input during training, for families whose model has one: 1.0 for de-distilled bases "
         "(de-distilled).", 1.0
@@ -399,6 +422,9 @@ def _check_values(cfg: RunConfig) -> None:
          "model.base_precision = 'bf16' or 'auto' (with a bf16/fp16 model file)"),
         ("ema.decay", 0 <= cfg.ema.decay < 1, "must be in [0, 1) (0: no moving average)"),
         ("ema.every", cfg.ema.every >= 1, "must be at least 1"),
+        ("model.vram_budget", cfg.model.vram_budget >= 0, "must be >= 0 (0: off)"),
+        ("model.offload", cfg.model.offload == "none" or cfg.train.gradient_checkpointing or cfg.model.vram_budget > 0,
+         "= 'blocks' needs train.gradient_checkpointing = true (without it backward keeps every block's copy)"),
         ("output.name", plain_file_name(cfg.output.name), "must be a plain file name (no '/', '\\' or '..')"),
     ]
     for key, ok, why in checks:

@@ -12,7 +12,16 @@ from .errors import optional_module
 
 
 def _adamw(params: list, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps)
+    # On CUDA the fused kernel updates every tensor in a few launches and keeps its step counts on the device
+    # (no host reads); elsewhere torch's default implementation.
+    fused = all(p.is_cuda and p.is_floating_point() for p in _tensors(params)) or None
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps,
+                             fused=fused)
+
+
+def _tensors(params: list) -> list[torch.Tensor]:
+    """The tensors of a list of tensors or of parameter groups."""
+    return [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
 
 
 def _bitsandbytes(class_name: str, uses_eps: bool) -> Callable[[list, OptimizerConfig], torch.optim.Optimizer]:

@@ -33,7 +33,8 @@ from safetensors.torch import save as save_tensors
 from ..loaders.files import fingerprint, writable_folder
 from ..loaders.images import save_png, to_pil
 from ..loaders.sampler import SamplerPosition
-from . import adapters, checkpoint, distributed
+from . import adapters, checkpoint, distributed, memory, offload
+from .compile import compile_blocks
 from .config import MODEL_FILES, ConfigError, RunConfig, config_from_dict, current_key, plain_file_name, to_toml
 from .data import split_and_sample, training_data
 from .ema import Ema
@@ -55,8 +56,8 @@ VALIDATION_TIMESTEPS = 4
 # model, adapter shape, batch size, lr, data settings, including keys added later) refuses the resume.
 CHANGEABLE_ON_RESUME = ("train.steps", "train.checkpoint_every", "train.keep_checkpoints",
                         "train.keep_checkpoint_every", "train.nonfinite_patience", "train.validate_every",
-                        "train.log_every", "train.gradient_checkpointing", "model.guidance_distilled",
-                        "adapter.init_from",
+                        "train.log_every", "train.gradient_checkpointing", "train.compile", "model.guidance_distilled",
+                        "model.offload", "model.offload_activations", "adapter.init_from",
                         "data.images", "data.cache_dir", "data.workers", "sample.", "output.", "ema.preview",
                         *(f"model.{name}" for name in MODEL_FILES))
 # What each rank keeps of its own: data position, noise, dropout and host RNGs. Rank 0's under these names (as
@@ -113,6 +114,7 @@ class Session:
         self.generator = torch.Generator().manual_seed(seed)  # noise and timesteps
         self.torch_rng = _seeded_rng_states(seed + 1)  # dropout; the host's RNG is left alone
         self.host_rng = _seeded_host_rng_states(seed + 2)  # python and numpy, likewise
+        self._ahead: tuple[dict, tuple[dict, list[Item]]] | None = None  # a batch read early: (position, read)
 
     # ------------------------------------------------------------ set-up
 
@@ -177,7 +179,7 @@ class Session:
         if self.trains_text and given.text is not None:
             raise ConfigError("optimizer.text_encoder_lr trains the model's own text encoders, not a given one: "
                               "leave the clip input of Encode dataset unconnected, or set text_encoder_lr to 0")
-        cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.run_dir.parent / "cache"
+        self.cache_root = cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.run_dir.parent / "cache"
         with distributed.main_first():  # the other ranks read the index rank 0 cached
             self.data = data = training_data(cfg, cache_root)
         # Model files are fingerprinted once, here: the caches are keyed by them and checkpoints compare them.
@@ -212,11 +214,12 @@ class Session:
 
     def _load_model(self) -> None:
         cfg, family = self.cfg, self.family
-        precision = cfg.model.base_precision
+        precision = "auto" if cfg.model.vram_budget else cfg.model.base_precision  # a budget picks auto/fp8/nf4
         storage = self.compute_dtype if precision in ("auto", "fp8", "nf4") else DTYPES[precision]
         model = family.load_denoiser(cfg.model, storage, keep_float8=precision in ("auto", "fp8"))
-        store_float8(model, convert=precision == "fp8")  # before the adapter wraps the layers
-        if precision == "nf4":
+        self.memory_plan = plan = self._memory_plan(model)
+        store_float8(model, convert=plan.base_precision == "fp8")  # before the adapter wraps the layers
+        if plan.base_precision == "nf4":
             quantize_nf4(model, family.quantized, self.compute_dtype, self.device)
         components, patterns = {DENOISER: model}, {DENOISER: family.targets[cfg.adapter.targets]}
         if self.trains_text:
@@ -226,9 +229,14 @@ class Session:
             patterns.update({name: family.text_targets[name] for name in encoders})
         self.adapter = adapters.attach(components, patterns, cfg.adapter, cfg.adapter.init_seed)
         self.adapted_modules = sorted(self.adapter.targets)
-        if cfg.train.gradient_checkpointing:
+        if plan.gradient_checkpointing:
             model.enable_gradient_checkpointing()
-        self.denoiser = model.to(self.device)
+        # Offloaded blocks stay in CPU memory, everything else goes to the device.
+        self.block_offload = offload.BlockOffload(model, self.device) if plan.offload == "blocks" else None
+        self.denoiser = model if self.block_offload else model.to(self.device)
+        self.activation_offload = offload.ActivationOffload(self.device) if plan.offload_activations else None
+        if cfg.train.compile:
+            compile_blocks(model, self.cache_root)
         if self.text_model is not None:
             family.text_encoder_to(self.text_model, self.device)
         self.trained_modules = list(components.values())
@@ -241,6 +249,27 @@ class Session:
             [{"params": params, "lr": lrs[name]} for name, params in groups.items()], cfg.optimizer, cfg.train.steps)
         self.base_fingerprint = self.model_fingerprints["model.diffusion_model"] = fingerprint(
             cfg.model.diffusion_model)
+
+    def _memory_plan(self, model: torch.nn.Module) -> memory.MemoryPlan:
+        """The run's settings, or with ``model.vram_budget`` what fits it (measured on one training example)."""
+        if not self.cfg.model.vram_budget:
+            plan = memory.configured(self.cfg)
+        else:
+            example = self.val_items[0]
+            try:
+                sizes = memory.measure(model, self.family, self.cfg, example.latent, example.text,
+                                       example.geometry, self.compute_dtype)
+            except (NotImplementedError, RuntimeError) as e:  # a value read from a meta tensor
+                raise ConfigError(
+                    f"model.vram_budget cannot estimate {self.family.title} yet: its model reads input values "
+                    f"while it runs, which the meta-device estimate does not have ({e}). Set model.vram_budget = 0 "
+                    "and choose model.base_precision, train.gradient_checkpointing and model.offload by hand") from None
+            plan = memory.plan(self.cfg.model.vram_budget, sizes,
+                               quantize=self.cfg.adapter.algorithm not in adapters.WHOLE_MODEL)
+            if not plan.fits:
+                warnings.warn(f"model.vram_budget: {plan.reason}", stacklevel=3)
+        self._emit({"type": "memory_plan", **plan.to_dict()})
+        return plan
 
     # ------------------------------------------------------------ training
 
@@ -295,11 +324,14 @@ class Session:
         self._train_mode(True)
         accumulation = self.cfg.train.gradient_accumulation
         total = torch.zeros((), device=self.device)
-        for _ in range(accumulation):
-            with self._autocast():
+        last = self.state.step + 1 >= self.cfg.train.steps
+        for micro in range(accumulation):
+            with self._autocast(), offload.activations(self.activation_offload):
                 loss = self._loss(self._next_batch()) / accumulation
             loss.backward()
             total += loss.detach()
+            if not (last and micro == accumulation - 1):  # the run's last batch has none after it to read
+                self._read_ahead()  # the host reads the next batch while the device still runs this backward
         checkpoint.fault_point("step.after-backward")
         total = distributed.average_gradients(self.params, total)  # ranks now agree on gradients and loss
         max_norm = self.cfg.train.max_grad_norm or float("inf")
@@ -334,16 +366,34 @@ class Session:
 
     def _next_batch(self) -> list[Item]:
         """The next batch of the bucket sampler (one bucket, this rank's share); O(1) to resume anywhere."""
-        ids, where, after = self.sampler.next_batch(SamplerPosition(**self.state.sampler))
-        self.state.sampler = after.to_dict()
-        self.state.samples_seen += len(ids)
+        position = self.state.sampler
+        ahead, self._ahead = self._ahead, None
+        after, items = ahead[1] if ahead is not None and ahead[0] == position else self._read_batch(position)
+        self.state.sampler = after
+        self.state.samples_seen += len(items)
+        return items
+
+    def _read_ahead(self) -> None:
+        """Read the batch at the current position now; :meth:`_next_batch` takes it if the position still
+        matches. Reading is a pure function of the position (no RNG is drawn), so the run is unchanged. A failure
+        is left for :meth:`_next_batch` to raise, at the step that needs the batch."""
+        position = dict(self.state.sampler)
+        try:
+            self._ahead = position, self._read_batch(position)
+        except Exception:  # raised again, in its place, when the batch is read for use
+            self._ahead = None
+
+    def _read_batch(self, position: dict[str, int]) -> tuple[dict[str, int], list[Item]]:
+        """The batch at sampler ``position`` and the position after it."""
+        ids, where, after = self.sampler.next_batch(SamplerPosition(**position))
         data, rows = self.data, self.train_rows[ids]
         flips = data.flips(rows, where.epoch)
         latents = self.encoding.latents(data, rows, flips)
         texts = data.captions_at(rows, where.epoch, self.sampler.global_batch(where))
         # Per-step captions are encoded fresh and not stored: they would fill the cache with one-off texts.
         store = self.cfg.data.caption_variants > 0 or not data.any_varies(rows)
-        return [Item(*item) for item in zip(latents, self._embed(texts, store), data.geometry(rows, flips), texts)]
+        items = [Item(*item) for item in zip(latents, self._embed(texts, store), data.geometry(rows, flips), texts)]
+        return after.to_dict(), items
 
     def _embed(self, texts: list[str], store: bool = True) -> list[dict[str, torch.Tensor]]:
         """Each text's embeddings from the cache (encoding the missing ones); none while the text encoders
@@ -351,10 +401,10 @@ class Session:
         return [{} for _ in texts] if self.trains_text else self.encoding.embed(texts, store)
 
     def _text(self, batch: list[Item]) -> dict[str, torch.Tensor]:
-        """The batch's text embeddings: the cached ones stacked, or its captions encoded now (with gradients when
-        the caller records them) by the text encoders being trained."""
+        """The batch's text embeddings on the device: the cached ones stacked, or its captions encoded now (with
+        gradients when the caller records them) by the text encoders being trained."""
         if self.text_model is None:
-            return {k: torch.stack([b.text[k] for b in batch]) for k in batch[0].text}
+            return {k: to_device(torch.stack([b.text[k] for b in batch]), self.device) for k in batch[0].text}
         return self.family.encode_text(self.text_model, [b.caption for b in batch])
 
     def _loss(self, batch: list[Item], t: torch.Tensor | None = None, noise: torch.Tensor | None = None
@@ -362,10 +412,11 @@ class Session:
         """The family's weighted loss on ``batch``; ``t`` and ``noise`` fix the draws (validation)."""
         noised = self.family.noised(torch.stack([b.latent for b in batch]), self.cfg.train, self.generator, t, noise)
         text = self._text(batch)
-        pred = self.family.predict(self.denoiser, noised.inputs.to(self.device), noised.t, text,
-                                   [b.geometry for b in batch], self.cfg.train.guidance)
-        error = (pred.float() - noised.target.to(self.device).float()).square().flatten(1).mean(1)
-        return (error * noised.weights.to(self.device)).mean()
+        pred = self.family.predict(self.denoiser, to_device(noised.inputs, self.device),
+                                   to_device(noised.t, self.device), text, [b.geometry for b in batch],
+                                   self.cfg.train.guidance)
+        error = (pred.float() - to_device(noised.target, self.device).float()).square().flatten(1).mean(1)
+        return (error * to_device(noised.weights, self.device)).mean()
 
     def _autocast(self):
         if self.compute_dtype == torch.float32:
@@ -519,6 +570,9 @@ class Session:
         self._emit({"type": "resume", "step": self.state.step, "path": str(folder)})
 
     def _check_resume_config(self, saved: dict, folder: Path) -> None:
+        adapter = saved.get("adapter", {})
+        if "dropout_on" not in adapter:  # saved before the choice existed: peft's input dropout was the only form
+            saved = {**saved, "adapter": {**adapter, "dropout_on": "input" if adapter.get("dropout") else "rank"}}
         old, new = _flatten(config_from_dict(saved).to_dict()), _flatten(self.cfg.to_dict())
         for key in sorted(old.keys() | new.keys()):
             if not key.startswith(CHANGEABLE_ON_RESUME) and old.get(key) != new.get(key):
@@ -607,6 +661,14 @@ def encode_data(cfg: RunConfig, encoders: Encoders | None = None) -> EncodeSumma
 
 def _rank_file(name: str, rank: int) -> str:
     return name if rank == 0 else f"rank{rank}-{name}"
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``. From the host to a GPU through pinned memory without blocking: a plain copy
+    from pageable memory would make the host wait for all queued GPU work."""
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def default_device() -> torch.device:

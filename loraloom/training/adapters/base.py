@@ -35,7 +35,7 @@ FILE_SUFFIXES = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha
                  "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 # The AdapterConfig fields only some algorithms read (each declares its own in Adapter.options): a run that sets
 # one its algorithm ignores is refused rather than trained without it.
-ALGORITHM_OPTIONS = ("factor", "full_matrix", "decompose_both", "tucker")
+ALGORITHM_OPTIONS = ("dropout_on", "factor", "full_matrix", "decompose_both", "tucker")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """LoRA through peft: the only module that talks to peft, and every call sets its state explicitly.
 
 ``W x + (alpha / r) · B A x`` on each target, A (r, in) drawn from the seed, B (out, r) zero at the start.
+Dropout with probability p while training acts on ``A x`` (``adapter.dropout_on = "rank"``: B drop(A x)) or on
+``x`` (``"input"``: B A drop(x), peft's own), each kept value scaled by 1 / (1 - p).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
 from .base import Adapter, Target, check_alpha, check_rank, file_alpha, require_algorithm
@@ -20,13 +23,16 @@ ADAPTER_NAME = "default"
 
 class Lora(Adapter):
     name = "lora"
+    options = ("dropout_on",)
 
     def __init__(self, components: dict[str, torch.nn.Module], targets: list[Target], settings, seed: int):
         super().__init__(components, targets, settings, seed)
         self.root = torch.nn.ModuleDict(components)  # peft names modules from here: "<component>.<module>"
         exact = {t.name: rf"^{re.escape(t.name)}$" for t in targets}  # peft matches patterns on name ends
+        on_input = settings.dropout_on == "input"
         config = LoraConfig(
-            r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=list(exact),
+            r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout if on_input else 0.0,
+            target_modules=list(exact),
             rank_pattern={exact[t.name]: t.rank for t in targets if t.rank != settings.rank},
             alpha_pattern={exact[t.name]: t.alpha for t in targets if t.alpha != settings.alpha},
             init_lora_weights=True)
@@ -42,6 +48,9 @@ class Lora(Adapter):
             bound = 1 / math.sqrt(a.shape[1])  # kaiming_uniform_(a=sqrt(5)) of an (r, in) matrix
             a.data = (torch.rand(a.shape, generator=generator) * 2 - 1).mul_(bound).to(a.device)
             b.data = torch.zeros(b.shape, device=b.device)
+            if settings.dropout and not on_input:
+                # peft applies B to A's output: dropping out B's input is dropping out the rank-r activation.
+                layer.lora_B[ADAPTER_NAME].register_forward_pre_hook(_RankDropout(settings.dropout))
 
     def parameters(self) -> dict[str, list[torch.nn.Parameter]]:
         groups: dict[str, list[torch.nn.Parameter]] = {}
@@ -110,3 +119,13 @@ class Lora(Adapter):
                                  "bf16/fp32 to fold the LoRA into it")
             weights[f"{name}.weight"] = base.detach().float() + layer.get_delta_weight(ADAPTER_NAME).float()
         return weights
+
+
+class _RankDropout:
+    """A forward pre-hook of ``lora_B``: dropout on its input, A x (…, r), while the module is training."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return (F.dropout(args[0], self.p, module.training), *args[1:])

@@ -75,6 +75,14 @@ class TinyModel:
     text: Any  # what :meth:`Family.load_text_encoder` returns, ready for :meth:`Family.encode_text`
 
 
+@dataclass
+class FullSize:
+    """The family's released model at full size, for benchmarks and memory figures (shapes only)."""
+    denoiser: torch.nn.Module  # the full-size architecture on the meta device: move it with to_empty()
+    vae_factor: int  # pixels per latent side of the family's own VAE
+    text: dict[str, tuple[int, ...]]  # one caption's embedding shapes (no batch dimension), by key
+
+
 class Family(ABC):
     """One model family. Class attributes describe it; methods load, encode, noise, predict, sample and export."""
 
@@ -250,6 +258,12 @@ class Family(ABC):
         text_encoder, ..., tokenizer folders), plus ``checkpoint`` (an all-in-one file),
         ``diffusion_model_fp8`` (every 2-D weight in float8, as the community's fp8 files) and, with
         ``diffusers``, ``diffusers`` (a diffusers pipeline folder)."""
+
+    def full_size(self) -> FullSize:
+        """The released model's architecture and input shapes (``benchmarks/gpu.py``, memory figures).
+
+        A family without one raises NotImplementedError; the benchmarks then skip it."""
+        raise NotImplementedError(f"{self.title} describes no full-size model")
 
     # Adapter tensor suffixes (LyCORIS/kohya names: lora_down.weight, lokr_w1, ...) this family's files spell
     # otherwise, e.g. peft's lora_A / lora_B where the family's exports follow diffusers.

@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from ..objectives import flow_match_inputs, inference_sigmas, sample_timesteps
 from ..precision import DTYPES, assign_weights
 from . import parts
-from .base import DENOISER, Family, Geometry, ModelFile, Noised, TinyModel, TokenizerFolder
+from .base import DENOISER, Family, FullSize, Geometry, ModelFile, Noised, TinyModel, TokenizerFolder
 from .flux_layout import transformer_from_bfl, transformer_to_bfl
 
 if TYPE_CHECKING:
@@ -194,11 +194,12 @@ def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x.reshape(b, d // 4, h, w)
 
 
-def image_ids(h: int, w: int) -> torch.Tensor:
-    """Positions of the packed tokens of an (h, w) latent: (h/2·w/2, 3) = (0, row, col)."""
-    ids = torch.zeros(h // 2, w // 2, 3)
-    ids[..., 1] = torch.arange(h // 2)[:, None]
-    ids[..., 2] = torch.arange(w // 2)[None, :]
+def image_ids(h: int, w: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Positions of the packed tokens of an (h, w) latent: (h/2·w/2, 3) = (0, row, col). Made on ``device``: a
+    copy from the host would wait for the GPU."""
+    ids = torch.zeros(h // 2, w // 2, 3, device=device)
+    ids[..., 1] = torch.arange(h // 2, device=device)[:, None]
+    ids[..., 2] = torch.arange(w // 2, device=device)[None, :]
     return ids.reshape(-1, 3)
 
 
@@ -225,7 +226,7 @@ def velocity(model: FluxTransformer2DModel, x: torch.Tensor, t: torch.Tensor, te
         encoder_hidden_states=text["t5"].to(device, dtype),
         pooled_projections=text["pooled"].to(device, dtype),
         timestep=t.to(device),
-        img_ids=image_ids(h, w).to(device),
+        img_ids=image_ids(h, w, device),
         txt_ids=torch.zeros(text["t5"].shape[1], 3, device=device),
         guidance=g,
         return_dict=False,
@@ -357,6 +358,16 @@ class Flux(Family):
         from .flux_kit import REAL_WIDTH, TINY, build
 
         return build(REAL_WIDTH if real_width else TINY, seed, words)
+
+    def full_size(self) -> FullSize:
+        """Flux.1-dev / dev2pro: 19 double and 38 single blocks of width 3072, T5-XXL (512 tokens) and CLIP-L."""
+        from diffusers import FluxTransformer2DModel
+
+        with torch.device("meta"):
+            model = FluxTransformer2DModel(
+                in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+                joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+        return FullSize(model.requires_grad_(False).eval(), 8, {"t5": (self.text_length, 4096), "pooled": (768,)})
 
     def write_tiny(self, tiny: TinyModel, folder: Path, diffusers: bool = True) -> dict[str, Path]:
         from .flux_kit import write

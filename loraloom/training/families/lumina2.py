@@ -393,7 +393,8 @@ def velocity(model: Lumina2Transformer2DModel, x: torch.Tensor, t: torch.Tensor,
     """
     device = next(model.parameters()).device
     mask = text["mask"] > 0
-    n = int(mask.sum(1).max())
+    # On the meta device (memory and FLOP estimates) the count is unknown: the padded length, an upper bound.
+    n = mask.shape[1] if mask.is_meta else int(mask.sum(1).max())
     out = model(hidden_states=x.to(device), timestep=(1 - t).to(device),
                 encoder_hidden_states=text["gemma"][:, :n].to(device), encoder_attention_mask=mask[:, :n].to(device),
                 return_dict=False)[0]
