@@ -248,6 +248,17 @@ def test_export_node_writes_the_trained_adapter_into_the_loras_folder(comfy, gra
     assert all(torch.equal(exported[k], lora[k]) for k in lora)
 
 
+def test_the_moving_average_trains_exports_and_is_named_when_missing(comfy, graph):
+    run, lora, _ = train(graph, "averaged", total_steps=2, steps_per_queue=2, ema_decay=0.5)
+    ExportAdapter().export(run, "avg", False, weights="moving average")
+    averaged = load_file(comfy.loras / "avg.safetensors")
+    assert averaged.keys() == lora.keys()
+    assert any(not torch.equal(averaged[k], lora[k]) for k in lora)  # the average lags the trained weights
+    plain, _, _ = train(graph, "plain", total_steps=1, steps_per_queue=1)
+    with pytest.raises(ConfigError, match="has no moving average export .* set ema_decay above 0"):
+        ExportAdapter().export(plain, "none", False, weights="moving average")
+
+
 def test_a_worker_process_trains_the_same_steps(comfy, graph):
     _, lora, _ = train(graph, "in-process", total_steps=2, steps_per_queue=2)
     run, worker_lora, history = train(graph, "in-worker", total_steps=2, steps_per_queue=2, worker_process=True)

@@ -5,11 +5,27 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..loaders.files import atomic_write_bytes
+from ..training.config import ConfigError
+from ..training.export import companion
 from . import host
 from .runs import TrainedRun
 from .widgets import CATEGORY
 
 SUFFIX = ".safetensors"
+# Which of the run's exports a node uses: the trained weights, or their moving average (Train steps' ema_decay).
+WEIGHTS = {"trained": None, "moving average": "ema"}
+WEIGHTS_INPUT = (list(WEIGHTS), {"default": "trained", "tooltip": "The trained weights, or their moving average "
+                                 "(needs ema_decay > 0 on Train steps)."})
+
+
+def adapter_file(run: TrainedRun, weights: str = "trained") -> Path:
+    """The run's adapter file for ``weights`` (a key of :data:`WEIGHTS`)."""
+    tag = WEIGHTS[weights]
+    path = companion(run.adapter_file, tag) if tag else run.adapter_file
+    if not path.is_file():
+        raise ConfigError(f"run {run.name!r} has no {weights} export ({path.name}): set ema_decay above 0 on Train "
+                          "steps for a new run to keep a moving average")
+    return path
 
 
 def export_path(folder: Path, name: str, overwrite: bool) -> Path:
@@ -28,10 +44,11 @@ def export_path(folder: Path, name: str, overwrite: bool) -> Path:
     return path
 
 
-def export_run(run: TrainedRun, folder: Path, name: str, overwrite: bool) -> Path:
+def export_run(run: TrainedRun, folder: Path, name: str, overwrite: bool, weights: str = "trained") -> Path:
+    source = adapter_file(run, weights)
     path = export_path(folder, name, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, run.adapter_file.read_bytes())
+    atomic_write_bytes(path, source.read_bytes())
     return path
 
 
@@ -52,11 +69,11 @@ class ExportAdapter:
             "name": ("STRING", {"default": "loraloom/my-lora", "tooltip": "File name in the loras folder "
                                 "(subfolders allowed, .safetensors added)."}),
             "overwrite": ("BOOLEAN", {"default": False}),
-        }}
+        }, "optional": {"weights": WEIGHTS_INPUT}}
 
-    def export(self, run: TrainedRun, name: str, overwrite: bool):
+    def export(self, run: TrainedRun, name: str, overwrite: bool, weights: str = "trained"):
         folder = host.first_folder("loras")
-        path = export_run(run, folder, name, overwrite)
+        path = export_run(run, folder, name, overwrite, weights)
         lora_name = path.relative_to(folder).as_posix()
         return {"ui": {"text": [lora_name]}, "result": (lora_name,)}
 
@@ -74,9 +91,9 @@ class ApplyTrainedAdapter:
             "model": ("MODEL",),
             "run": ("LORALOOM_RUN",),
             "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}),
-        }}
+        }, "optional": {"weights": WEIGHTS_INPUT}}
 
-    def apply(self, model, run: TrainedRun, strength: float):
-        return (host.apply_lora(model, run.adapter_file, strength),)
+    def apply(self, model, run: TrainedRun, strength: float, weights: str = "trained"):
+        return (host.apply_lora(model, adapter_file(run, weights), strength),)
 
 

@@ -18,6 +18,7 @@ from ..loaders.files import read_safetensors
 from ..training.config import (
     AdapterConfig,
     DataConfig,
+    EmaConfig,
     ModelConfig,
     OptimizerConfig,
     OutputConfig,
@@ -51,11 +52,11 @@ class Schedule:
 
 
 def run_config(output_dir: Path, name: str, model: ModelConfig, dataset: DataConfig, adapter: AdapterConfig,
-               optimizer: OptimizerConfig, train: TrainConfig, sample: SampleConfig) -> RunConfig:
+               optimizer: OptimizerConfig, train: TrainConfig, sample: SampleConfig, ema: EmaConfig) -> RunConfig:
     """The engine's run configuration for run ``name`` under ComfyUI's output folder, validated."""
     cfg = RunConfig(
         model=model, data=dataclasses.replace(dataset, cache_dir=str(output_dir / CACHE_SUBFOLDER)),
-        adapter=adapter, optimizer=optimizer, train=train, sample=sample,
+        adapter=adapter, optimizer=optimizer, train=train, sample=sample, ema=ema,
         output=OutputConfig(run_dir=str(run_dir(output_dir, name)), name=name))
     return config_from_dict(cfg.to_dict())
 
@@ -157,6 +158,7 @@ class TrainSteps:
             "min_snr_gamma": widget(TrainConfig, "min_snr_gamma", min=0.0, max=100.0),
             "noise_offset": widget(TrainConfig, "noise_offset", min=0.0, max=1.0, step=0.0001),
             "compile": widget(TrainConfig, "compile"),
+            "ema_decay": widget(EmaConfig, "decay", min=0.0, max=0.99999, step=0.0001),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
@@ -168,7 +170,7 @@ class TrainSteps:
               training_seed: int, guidance: float, timesteps: str, mixed_precision: str, gradient_checkpointing: bool,
               checkpoint_every: int, validate_every: int, preview_every: int, preview_prompt: str, preview_steps: int,
               preview_guidance: float, worker_process: bool = False, gpus: int = 1, min_snr_gamma: float = 0.0,
-              noise_offset: float = 0.0, compile: bool = False, unique_id: str = ""):
+              noise_offset: float = 0.0, compile: bool = False, ema_decay: float = 0.0, unique_id: str = ""):
         encoders = None
         if isinstance(dataset, EncodedDataset):
             dataset, encoders = dataset.for_training(model, worker_process or gpus > 1)
@@ -180,7 +182,8 @@ class TrainSteps:
                             compile=compile)
         prompts = (preview_prompt.strip(),) if preview_prompt.strip() else ()
         sample = SampleConfig(prompts=prompts, seeds=(training_seed,), steps=preview_steps, guidance=preview_guidance)
-        cfg = run_config(output_dir, run_name, model, dataset, adapter, optimizer, train, sample)
+        cfg = run_config(output_dir, run_name, model, dataset, adapter, optimizer, train, sample,
+                         EmaConfig(decay=ema_decay))
         report = ProgressReport(str(unique_id), run_name, total_steps, output_dir, partial(host.send_progress, EVENT))
         return execute(cfg, Schedule(steps_per_queue, preview_every), report,
                        host.progress_bar(total_steps, str(unique_id)), in_worker=worker_process, gpus=gpus,
