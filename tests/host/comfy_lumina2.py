@@ -1,15 +1,18 @@
 """Run inside a ComfyUI environment: Lumina 2 through ComfyUI's own loaders, model and sampler, for the host test.
 
 Usage:
-  python comfy_lumina2.py predict COMFYUI_PATH REPO BASE.safetensors LORA.safetensors INPUTS.safetensors OUT
+  python comfy_lumina2.py predict COMFYUI_PATH REPO BASE.safetensors INPUTS.safetensors OUT ADAPTER.safetensors...
   python comfy_lumina2.py encode COMFYUI_PATH REPO GEMMA.safetensors CHECKPOINT.safetensors INPUTS.json OUT
 
-predict: the native file and the exported LoRA loaded as LoraLoaderModelOnly does; ComfyUI's velocity
-(x_t - apply_model) / sigma at each t, unpadded and padded with a mask; a KSampler-equivalent run (euler, simple,
-cfg) on the LoRA'd model with the CONDITIONING the node pack makes (``Family.comfy_conditioning``).
+predict: the native file loaded once, each adapter file applied alone to it as LoraLoaderModelOnly does; ComfyUI's
+velocity (x_t - apply_model) / sigma with each file (``v_<i>``) at INPUTS' first t, with the file INPUTS' ``full``
+indexes at every t of INPUTS, unpadded and padded with a mask (``v_padded``), and a KSampler-equivalent run
+(euler, simple, cfg) with the CONDITIONING the node pack makes (``Family.comfy_conditioning``). Prints one JSON
+line: per file, the keys ComfyUI did not load, the errors it logged applying the rest and the number of weights
+it patched; the model class and its shift.
 encode: ComfyUI's Lumina2 CLIP (CLIPLoader type lumina2, and a checkpoint's) at the tiny widths given through
-``model_options["gemma2_2b_model_config"]``, read by the node pack's ``Family.comfy_text``.
-Prints one JSON line: the LoRA keys ComfyUI did not load, the model class, warnings.
+``model_options["gemma2_2b_model_config"]``, read by the node pack's ``Family.comfy_text``. Prints one JSON line:
+the CLIP class and the warnings logged.
 """
 
 from __future__ import annotations
@@ -18,17 +21,10 @@ import json
 import logging
 import sys
 
-
-class Capture(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
+from comfy_report import Capture  # beside this script
 
 
-def predict(base: str, lora_path: str, inputs: str, out: str, capture: Capture) -> dict:
+def predict(capture: Capture, base: str, inputs: str, out: str, *adapters: str) -> dict:
     import comfy.model_management as mm
     import comfy.sample
     import comfy.sd
@@ -41,17 +37,13 @@ def predict(base: str, lora_path: str, inputs: str, out: str, capture: Capture) 
     lumina = family("lumina2")
     x = load_file(inputs)
     patcher = comfy.sd.load_diffusion_model(base, model_options={"dtype": torch.float32})
-    lora = comfy.utils.load_torch_file(lora_path, safe_load=True)
-    patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0)
-    mm.load_models_gpu([patched])
-    model = patched.model
 
-    def velocities(cap: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def velocities(model: torch.nn.Module, cap: torch.Tensor, mask: torch.Tensor, ts: list[float]) -> torch.Tensor:
         extra = {"num_tokens": int(mask.sum())}
         if not mask.all():  # as Lumina2.extra_conds passes it: only with padding
             extra["attention_mask"] = mask
         found = []
-        for t in x["ts"].tolist():
+        for t in ts:
             x_t = (1 - t) * x["x0"] + t * x["noise"]
             with torch.no_grad():
                 denoised = model.apply_model(x_t, torch.tensor([t]), c_crossattn=cap, **extra)
@@ -59,20 +51,30 @@ def predict(base: str, lora_path: str, inputs: str, out: str, capture: Capture) 
         return torch.stack(found)
 
     n = int(x["mask"].sum())
-    results = {"v": velocities(x["gemma"][None, :n], x["mask"][None, :n].long()),
-               "v_padded": velocities(x["gemma"][None], x["mask"][None].long())}
-    positive = lumina.comfy_conditioning({"gemma": x["gemma"], "mask": x["mask"]}, 1.0)
-    negative = lumina.comfy_conditioning({"gemma": x["negative_gemma"], "mask": x["negative_mask"]}, 1.0)
-    steps, cfg = int(x["steps"]), float(x["cfg"])
-    results["sample"] = comfy.sample.sample(patched, x["sample_noise"], steps, cfg, "euler", "simple", positive,
-                                            negative, torch.zeros_like(x["sample_noise"]), seed=0)
+    results, reports = {}, []
+    for i, path in enumerate(adapters):
+        capture.messages.clear()
+        patched, _ = comfy.sd.load_lora_for_models(patcher, None, comfy.utils.load_torch_file(path, safe_load=True),
+                                                   1.0, 0)
+        mm.load_models_gpu([patched])
+        full = i == int(x["full"])
+        ts = x["ts"].tolist() if full else x["ts"][:1].tolist()
+        results[f"v_{i}"] = velocities(patched.model, x["gemma"][None, :n], x["mask"][None, :n].long(), ts)
+        if full:
+            results["v_padded"] = velocities(patched.model, x["gemma"][None], x["mask"][None].long(), ts)
+            positive = lumina.comfy_conditioning({"gemma": x["gemma"], "mask": x["mask"]}, 1.0)
+            negative = lumina.comfy_conditioning({"gemma": x["negative_gemma"], "mask": x["negative_mask"]}, 1.0)
+            results["sample"] = comfy.sample.sample(patched, x["sample_noise"], int(x["steps"]), float(x["cfg"]),
+                                                    "euler", "simple", positive, negative,
+                                                    torch.zeros_like(x["sample_noise"]), seed=0)
+        reports.append({**capture.adapter_report(), "patched": len(patched.patches)})
+        mm.unload_all_models()  # restores the base weights for the next file
     save_file({k: v.contiguous() for k, v in results.items()}, out)
-    not_loaded = [m for m in capture.messages if "lora key not loaded" in m or "NOT LOADED" in m]
-    return {"not_loaded": not_loaded, "model": type(model).__name__, "shift": float(model.model_sampling.shift),
-            "patched": len(patched.patches)}
+    return {"files": reports, "model": type(patcher.model).__name__,
+            "shift": float(patcher.model.model_sampling.shift)}
 
 
-def encode(gemma: str, checkpoint: str, inputs: str, out: str, capture: Capture) -> dict:
+def encode(capture: Capture, gemma: str, checkpoint: str, inputs: str, out: str) -> dict:
     import comfy.sd
     import comfy.utils
     from safetensors.torch import save_file
@@ -105,7 +107,7 @@ def main() -> None:
     comfy.options.enable_args_parsing()
     capture = Capture()
     logging.getLogger().addHandler(capture)
-    report = {"predict": predict, "encode": encode}[mode](*paths, capture)
+    report = {"predict": predict, "encode": encode}[mode](capture, *paths)
     print(json.dumps(report))
 
 

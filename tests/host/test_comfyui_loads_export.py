@@ -25,26 +25,18 @@ from loraloom.training.config import AdapterConfig
 from loraloom.training.families import flux
 from loraloom.training.families.base import DENOISER
 
+sys.path.insert(0, str(Path(__file__).parent))
+from variants import VARIANTS
+
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
 HERE = Path(__file__).parent
 pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="COMFYUI_PATH not set: no ComfyUI checkout to test against")
 
-# Every algorithm, LoKr in its three layouts; std makes each adapter's change visible at real width.
-FLUX_VARIANTS = {
-    "lora": (AdapterConfig(rank=4, alpha=8.0), 0.02),
-    "locon": (AdapterConfig(algorithm="locon", rank=4, alpha=8.0), 0.02),
-    "loha": (AdapterConfig(algorithm="loha", rank=4, alpha=8.0), 0.1),
-    "lokr": (AdapterConfig(algorithm="lokr", rank=4, alpha=8.0, factor=16), 0.05),
-    "lokr_full_matrix": (AdapterConfig(algorithm="lokr", factor=8, full_matrix=True), 0.05),
-    "lokr_decompose_both": (AdapterConfig(algorithm="lokr", rank=2, alpha=1.0, decompose_both=True), 0.2),
-    "dora": (AdapterConfig(algorithm="dora", rank=4, alpha=8.0), 0.02),
-}
-
-
 def test_every_algorithm_is_checked_here():
-    """Whole-model algorithms are checked in test_comfyui_full_finetune.py."""
-    assert {s.algorithm for s, _ in FLUX_VARIANTS.values()} == set(adapters.ALGORITHMS) - adapters.WHOLE_MODEL
+    """variants.py, which the Flux, Lumina 2 and SDXL tests export; whole-model algorithms are checked in
+    test_comfyui_full_finetune.py."""
+    assert {s.algorithm for s, _ in VARIANTS.values()} == set(adapters.ALGORITHMS) - adapters.WHOLE_MODEL
 
 
 def test_comfyui_loads_every_key_of_each_algorithm_and_matches_the_engine(tmp_path: Path, real_width_with_lora):
@@ -53,7 +45,7 @@ def test_comfyui_loads_every_key_of_each_algorithm_and_matches_the_engine(tmp_pa
     text = {"t5": torch.randn(1, 8, 4096, generator=g), "pooled": torch.randn(1, 768, generator=g)}
     t, guidance = torch.tensor([0.6]), 3.5
     ours, base, files, paths = {}, None, None, []
-    for name, (settings, std) in FLUX_VARIANTS.items():
+    for name, (settings, std) in VARIANTS.items():
         folder = tmp_path / name
         files, model, adapter, path = real_width_with_lora(folder, alpha=settings.alpha, seed=2, settings=settings,
                                                            std=std)
@@ -74,7 +66,7 @@ def test_comfyui_loads_every_key_of_each_algorithm_and_matches_the_engine(tmp_pa
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["model"] == "Flux"
     theirs = load_file(out)
-    for i, name in enumerate(FLUX_VARIANTS):
+    for i, name in enumerate(VARIANTS):
         assert report["files"][i] == {"not_loaded": [], "errors": []}, name
         assert (ours[name] - base).abs().max() > 1e-3, name  # the adapter matters, so agreement means something
         error = ((theirs[f"pred_{i}"] - ours[name]).norm() / ours[name].norm()).item()

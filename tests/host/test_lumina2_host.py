@@ -1,10 +1,12 @@
 """Host test: stock ComfyUI reads what the engine writes and reads for Lumina 2, and computes what the engine computes.
 
-- The smallest real-width Lumina 2 (dim 2304, 2 + 2 refiners, 1 layer) in the native layout, with an all_linear LoRA
-  exported by the engine: ComfyUI detects Lumina2, loads every key, and its velocity (x_t - apply_model) / sigma
-  matches the engine's at t = 0.05 ... 0.95, from an unpadded and from a padded caption with its mask; a 3-step
-  euler / simple / cfg 4 run of ComfyUI's sampler with the node pack's CONDITIONING lands where the engine's
-  preview sampler lands. A flipped time or sign in the engine would be 1e-2 to 1 off at these t.
+- The smallest real-width Lumina 2 (dim 2304, 2 + 2 refiners, 1 layer) in the native layout, with an all_linear
+  adapter of each algorithm (variants.py) exported by the engine: ComfyUI detects Lumina2 (loaded once, each file
+  applied alone), loads every key and patches every layer without error, and its velocity
+  (x_t - apply_model) / sigma matches the engine's at t = 0.5. With the LoRA also at t = 0.05 ... 0.95, from an
+  unpadded and from a padded caption with its mask, and a 3-step euler / simple / cfg 4 run of ComfyUI's sampler
+  with the node pack's CONDITIONING lands where the engine's preview sampler lands. A flipped time or sign in the
+  engine would be 1e-2 to 1 off at these t.
 - ComfyUI's Lumina2 CLIP (the gemma file with its spiece_model, and an all-in-one checkpoint's) read through the
   family's ``comfy_text`` gives the engine's embeddings.
 
@@ -25,16 +27,21 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loraloom.training import adapters
-from loraloom.training.config import AdapterConfig, config_from_dict
+from loraloom.training.config import config_from_dict
 from loraloom.training.export import write_adapter
 from loraloom.training.families import family, lumina2
 from loraloom.training.families.base import DENOISER
+
+sys.path.insert(0, str(Path(__file__).parent))
+from variants import VARIANTS, randomize
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="COMFYUI_PATH not set: no ComfyUI checkout to test against")
 LUMINA = family("lumina2")
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("comfy_lumina2.py")
+T = 0.5  # every algorithm's export is compared at this t
+FULL = "lora"  # this one also at TS, from a padded caption too, and through ComfyUI's sampler
 TS = [0.05, 0.3, 0.7, 0.95]
 
 
@@ -50,51 +57,62 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def test_comfyui_applies_every_key_of_the_export_and_matches_the_engine(tmp_path):
+def fmt(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.1e}" for v in values) + "]"
+
+
+def test_comfyui_applies_every_key_of_each_algorithms_export_and_matches_the_engine(tmp_path):
     tiny = LUMINA.tiny(seed=1, real_width=True)
     files = LUMINA.write_tiny(tiny, tmp_path / "models", diffusers=False)
     text = LUMINA.encode_text(tiny.text, ["zwx, a red circle on a yellow background"])
     negative = LUMINA.encode_text(tiny.text, [""])
     del tiny
-    model = lumina2.load_transformer(files["diffusion_model"], torch.float32)  # the file's bf16 weights, as ComfyUI
-    adapter = adapters.attach({DENOISER: model}, {DENOISER: lumina2.TARGETS["all_linear"]},
-                              AdapterConfig(rank=4, alpha=2.0), seed=0)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(2)
-        for p in adapter.parameters()[DENOISER]:
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02)  # A and B both random, as after training
-    lora = write_adapter(tmp_path / "lora.safetensors", adapter.export(), LUMINA, torch.float32, {})
     g = torch.Generator().manual_seed(3)
     x0, noise = torch.randn(1, 16, 16, 16, generator=g), torch.randn(1, 16, 16, 16, generator=g)
     steps, cfg, seed = 3, 4.0, 5
-    with torch.no_grad():
-        ours, base = [], []
-        for t in TS:
-            x_t, tt = (1 - t) * x0 + t * noise, torch.tensor([t])
-            ours.append(lumina2.velocity(model, x_t, tt, text))
-            with adapter.disabled():
-                base.append(lumina2.velocity(model, x_t, tt, text))
-        ours, base = torch.stack(ours), torch.stack(base)
-        sample = LUMINA.sample(model, text, (64, 64), (8, 8), seed, steps, cfg, negative)
-    del model, adapter
+    ts = [T, *TS]
+
+    def velocities(model: torch.nn.Module, times: list[float]) -> torch.Tensor:
+        return torch.stack([lumina2.velocity(model, (1 - t) * x0 + t * noise, torch.tensor([t]), text)
+                            for t in times])
+
+    ours, paths, targets, base, sample = {}, [], [], None, None
+    for name, (settings, std) in VARIANTS.items():
+        model = lumina2.load_transformer(files["diffusion_model"], torch.float32)  # the file's bf16, as ComfyUI
+        if base is None:
+            with torch.no_grad():
+                base = velocities(model, ts)
+        adapter = adapters.attach({DENOISER: model}, {DENOISER: lumina2.TARGETS["all_linear"]}, settings, seed=0)
+        randomize([model], std, seed=2)
+        with torch.no_grad():
+            ours[name] = velocities(model, ts if name == FULL else ts[:1])
+            if name == FULL:
+                sample = LUMINA.sample(model, text, (64, 64), (8, 8), seed, steps, cfg, negative)
+        groups = adapter.export()
+        paths.append(write_adapter(tmp_path / f"{name}.safetensors", groups, LUMINA, torch.float32, {}))
+        targets.append(len(groups))
+        del model, adapter
     sample_noise = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(seed))  # the sampler's own draw
     inputs, out = tmp_path / "inputs.safetensors", tmp_path / "out.safetensors"
-    save_file({"x0": x0, "noise": noise, "ts": torch.tensor(TS), "gemma": text["gemma"][0], "mask": text["mask"][0],
+    save_file({"x0": x0, "noise": noise, "ts": torch.tensor(ts), "gemma": text["gemma"][0], "mask": text["mask"][0],
                "negative_gemma": negative["gemma"][0], "negative_mask": negative["mask"][0],
-               "sample_noise": sample_noise, "steps": torch.tensor(steps), "cfg": torch.tensor(cfg)}, inputs)
-    report = run_in_comfyui("predict", str(files["diffusion_model"]), str(lora), str(inputs), str(out))
+               "sample_noise": sample_noise, "steps": torch.tensor(steps), "cfg": torch.tensor(cfg),
+               "full": torch.tensor(list(VARIANTS).index(FULL))}, inputs)
+    report = run_in_comfyui("predict", str(files["diffusion_model"]), str(inputs), str(out), *map(str, paths))
     assert report["model"] == "Lumina2" and report["shift"] == lumina2.SHIFT
-    assert report["not_loaded"] == []
-    assert report["patched"] == len(load_file(lora)) // 3  # every module: lora_A, lora_B, alpha
     theirs = load_file(out)
-    errors = [relative(ours[i], theirs["v"][i]) for i in range(len(TS))]
-    padded = [relative(ours[i], theirs["v_padded"][i]) for i in range(len(TS))]
-    effect = [relative(ours[i], base[i]) for i in range(len(TS))]
+    for i, name in enumerate(VARIANTS):
+        assert report["files"][i] == {"not_loaded": [], "errors": [], "patched": targets[i]}, name  # every layer
+        errors = [relative(ours[name][j], theirs[f"v_{i}"][j]) for j in range(len(ours[name]))]
+        effect = [relative(ours[name][j], base[j]) for j in range(len(ours[name]))]
+        print(f"{name}: relative |engine - ComfyUI| at t {ts[:len(errors)]}: {fmt(errors)}; the adapter changes v by "
+              f"{fmt(effect)}")
+        assert max(errors) < 1e-3, name
+        assert min(effect) > 1e-2, name  # the comparison sees the adapter
+    padded = [relative(ours[FULL][j], theirs["v_padded"][j]) for j in range(len(ts))]
     sampled = relative(sample, theirs["sample"])
-    print(f"relative |engine - ComfyUI| per t {TS}: {errors}; padded caption {padded}; the LoRA changes v by "
-          f"{effect}; sampled latents {sampled:.2e}")
-    assert max(errors) < 1e-3 and max(padded) < 1e-3 and sampled < 1e-3
-    assert min(effect) > 1e-2  # the comparison sees the adapter
+    print(f"{FULL}: padded caption {fmt(padded)}; sampled latents {sampled:.1e}")
+    assert max(padded) < 1e-3 and sampled < 1e-3
 
 
 def test_comfyuis_lumina2_clip_gives_the_engines_embeddings(tmp_path):
