@@ -255,7 +255,7 @@ def test_the_moving_average_trains_exports_and_is_named_when_missing(comfy, grap
     assert averaged.keys() == lora.keys()
     assert any(not torch.equal(averaged[k], lora[k]) for k in lora)  # the average lags the trained weights
     plain, _, _ = train(graph, "plain", total_steps=1, steps_per_queue=1)
-    with pytest.raises(ConfigError, match="has no moving average export .* set ema_decay above 0"):
+    with pytest.raises(ConfigError, match=r"has no moving average export .* set ema_decay above 0"):
         ExportAdapter().export(plain, "none", False, weights="moving average")
 
 
