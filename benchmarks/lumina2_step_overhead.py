@@ -33,7 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from loraloom.training.config import RunConfig, load_config, to_toml
 from loraloom.training.demo_data import write_shapes_dataset
-from loraloom.training.families import family, lumina2
+from loraloom.training.families import family, flux_vae, lumina2
 from loraloom.training.families.lumina2_layout import config_from_native, transformer_from_native
 from loraloom.training.objectives import flow_match_inputs, sample_timesteps
 from loraloom.training.session import Session
@@ -80,7 +80,7 @@ class BareLoop:
         self.model.train()
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=0.01)
         item = session.val_items[0]  # the held-out image and its caption
-        self.x0 = lumina2.scale_latents(item.latent[None])
+        self.x0 = flux_vae.scale_latents(item.latent[None])
         n = int(item.text["mask"].sum())
         self.caption, self.mask = item.text["gemma"][None, :n], item.text["mask"][None, :n].long()
         self.generator = torch.Generator().manual_seed(0)

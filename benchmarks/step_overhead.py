@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from loraloom.training.config import RunConfig, load_config, to_toml
 from loraloom.training.demo_data import write_shapes_dataset
-from loraloom.training.families import flux
+from loraloom.training.families import flux, flux_vae
 from loraloom.training.families.flux_kit import TINY, FluxSize, build, write
 from loraloom.training.objectives import flow_match_inputs, sample_timesteps
 from loraloom.training.session import Session
@@ -75,7 +75,7 @@ class BareLoop:
         self.dtype = session.compute_dtype
         item = session.val_items[0]  # with data.validation_images = 0, a training image
         b = session.cfg.train.batch_size
-        self.x0 = flux.scale_latents(item.latent[None].repeat(b, 1, 1, 1))
+        self.x0 = flux_vae.scale_latents(item.latent[None].repeat(b, 1, 1, 1))
         self.t5 = item.text["t5"][None].repeat(b, 1, 1)
         self.pooled = item.text["pooled"][None].repeat(b, 1)
         h, w = self.x0.shape[-2:]

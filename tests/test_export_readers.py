@@ -7,7 +7,7 @@ import torch
 from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
 from safetensors.torch import load_file
 
-from loraloom.training.families import flux
+from loraloom.training.families import flux, flux_vae
 from loraloom.training.session import Session
 
 
@@ -32,7 +32,7 @@ def test_diffusers_loader_reproduces_engine_prediction(make_config, targets):
     session = _trained_session(make_config, targets)
     path = session.export(dtype="fp32")
     item = session.val_items[0]
-    x = flux.scale_latents(item.latent[None])
+    x = flux_vae.scale_latents(item.latent[None])
     t = torch.tensor([0.7])
     text = {k: v[None] for k, v in item.text.items()}
     ours = session.predict(x, t, text, guidance=1.0)

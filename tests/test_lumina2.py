@@ -19,7 +19,7 @@ from loraloom.loaders.files import ModelFileError
 from loraloom.training import demo
 from loraloom.training.cli import main
 from loraloom.training.config import ConfigError, TrainConfig, config_from_dict
-from loraloom.training.families import family, lumina2
+from loraloom.training.families import family, flux_vae, lumina2
 from loraloom.training.families.base import DENOISER
 from loraloom.training.families.lumina2_layout import transformer_from_native, transformer_to_native
 from loraloom.training.session import Session
@@ -140,7 +140,7 @@ def test_sampling_follows_diffusers_pipeline_in_the_engine_time(files, tiny):
                       guidance_scale=guidance, cfg_normalization=False, sigmas=sigmas[:-1].tolist(), latents=noise,
                       height=64, width=64, output_type="latent", return_dict=False)[0]
         mine = FAMILY.sample(ours, text, (64, 64), (8, 8), seed, steps, guidance, negative)
-        torch.testing.assert_close(lumina2.scale_latents(mine), theirs, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(flux_vae.scale_latents(mine), theirs, rtol=1e-4, atol=1e-4)
 
 
 class PointMassLumina(torch.nn.Module):
@@ -164,7 +164,7 @@ def test_the_velocity_runs_in_the_engine_time(tiny, t):
     g = torch.Generator().manual_seed(1)
     x0, noise = torch.randn(2, 16, 4, 4, generator=g), torch.randn(2, 16, 4, 4, generator=g)
     oracle = PointMassLumina(x0)
-    noised = FAMILY.noised(lumina2.unscale_latents(x0), TrainConfig(), g, t=torch.full((2,), t), noise=noise)
+    noised = FAMILY.noised(flux_vae.unscale_latents(x0), TrainConfig(), g, t=torch.full((2,), t), noise=noise)
     text = FAMILY.encode_text(tiny.text, CAPTIONS)
     pred = FAMILY.predict(oracle, noised.inputs, noised.t, text, [], 1.0)
     torch.testing.assert_close(pred, noised.target, rtol=1e-5, atol=1e-5)
@@ -178,7 +178,7 @@ def test_previews_land_on_the_data_point_with_the_exact_network(tiny):
     x0 = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(2))
     text = FAMILY.encode_text(tiny.text, CAPTIONS[:1])
     latents = FAMILY.sample(PointMassLumina(x0), text, (32, 32), (4, 4), seed=0, steps=8, guidance=1.0)
-    torch.testing.assert_close(lumina2.scale_latents(latents), x0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(flux_vae.scale_latents(latents), x0, rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------- Gemma and captions

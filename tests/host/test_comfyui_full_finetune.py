@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from loraloom.training import adapters
 from loraloom.training.config import AdapterConfig
 from loraloom.training.export import COMFY_MODEL_PREFIX, write_exports
-from loraloom.training.families import family, flux
+from loraloom.training.families import family, flux, flux_vae
 from loraloom.training.families.base import DENOISER
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
@@ -48,7 +48,7 @@ def test_comfyui_loads_the_fine_tuned_model_file_and_its_patch_and_matches_the_e
         for p in adapter.parameters()[DENOISER]:
             p.add_(torch.randn(p.shape, generator=g) * 0.01)
     patch, model_file = write_exports(tmp_path / "ft.safetensors", adapter, model, FLUX, torch.float32, {})
-    x = flux.scale_latents(torch.randn(1, 16, 8, 8, generator=g))
+    x = flux_vae.scale_latents(torch.randn(1, 16, 8, 8, generator=g))
     text = {"t5": torch.randn(1, 8, 4096, generator=g), "pooled": torch.randn(1, 768, generator=g)}
     t, guidance = torch.tensor([0.6]), 3.5
     with torch.no_grad():

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from loraloom.training import adapters
 from loraloom.training.config import AdapterConfig
-from loraloom.training.families import flux
+from loraloom.training.families import flux, flux_vae
 from loraloom.training.families.base import DENOISER
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -41,7 +41,7 @@ def test_every_algorithm_is_checked_here():
 
 def test_comfyui_loads_every_key_of_each_algorithm_and_matches_the_engine(tmp_path: Path, real_width_with_lora):
     g = torch.Generator().manual_seed(1)
-    x = flux.scale_latents(torch.randn(1, 16, 8, 8, generator=g))
+    x = flux_vae.scale_latents(torch.randn(1, 16, 8, 8, generator=g))
     text = {"t5": torch.randn(1, 8, 4096, generator=g), "pooled": torch.randn(1, 768, generator=g)}
     t, guidance = torch.tensor([0.6]), 3.5
     ours, base, files, paths = {}, None, None, []

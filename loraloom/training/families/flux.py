@@ -17,11 +17,12 @@ import torch
 
 from ...loaders.files import ModelFileError, read_safetensors
 from ..errors import ConfigError
-from ..objectives import flow_match_inputs, inference_sigmas, sample_timesteps
-from ..precision import DTYPES, assign_weights
+from ..objectives import inference_sigmas
+from ..precision import assign_weights
 from . import parts
-from .base import DENOISER, Family, FullSize, Geometry, ModelFile, Noised, TinyModel, TokenizerFolder
+from .base import DENOISER, Family, FullSize, Geometry, ModelFile, TinyModel, TokenizerFolder
 from .flux_layout import transformer_from_bfl, transformer_to_bfl
+from .flux_vae import FluxVaeFlowMatching, image_tokens, unscale_latents
 
 if TYPE_CHECKING:
     from diffusers import FluxTransformer2DModel
@@ -30,8 +31,6 @@ if TYPE_CHECKING:
     from ..config import ModelConfig, RunConfig, TrainConfig
 
 # ComfyUI's latent_format.Flux: the transformer sees (latent - shift) * scale.
-LATENT_SHIFT = 0.1159
-LATENT_SCALE = 0.3611
 
 # peft target patterns (regex, full match) over diffusers module names.
 _DOUBLE = r"transformer_blocks\.\d+\."
@@ -203,14 +202,6 @@ def image_ids(h: int, w: int, device: torch.device | str = "cpu") -> torch.Tenso
     return ids.reshape(-1, 3)
 
 
-def scale_latents(raw: torch.Tensor) -> torch.Tensor:
-    return (raw - LATENT_SHIFT) * LATENT_SCALE
-
-
-def unscale_latents(x: torch.Tensor) -> torch.Tensor:
-    return x / LATENT_SCALE + LATENT_SHIFT
-
-
 def velocity(model: FluxTransformer2DModel, x: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor],
              guidance: float) -> torch.Tensor:
     """The transformer's velocity. x: scaled latents (B, C, h, w); t: (B,) in [0, 1]; text from encode_prompts.
@@ -234,12 +225,7 @@ def velocity(model: FluxTransformer2DModel, x: torch.Tensor, t: torch.Tensor, te
     return unpack(out.float(), h, w)
 
 
-def image_tokens(h: int, w: int) -> int:
-    """Packed tokens of an (h, w) latent: what Flux's resolution-dependent shift reads."""
-    return (h // 2) * (w // 2)
-
-
-class Flux(Family):
+class Flux(FluxVaeFlowMatching, Family):
     name = "flux"
     title = "Flux"
     architecture = "flux-1-dev"
@@ -253,8 +239,6 @@ class Flux(Family):
         TokenizerFolder("tokenizer", "clip_tokenizer", "sd1_tokenizer", "CLIP tokenizer folder"),
         TokenizerFolder("tokenizer_2", "t5_tokenizer", "text_encoders/t5_tokenizer", "T5 tokenizer folder"),
     )
-    latent_channels = 16  # raw VAE latent channels: 4 x 16 = the transformer's packed input
-    latent_scale, latent_shift = LATENT_SCALE, LATENT_SHIFT
     bucket_divisor = 16  # VAE factor 8 x 2x2 latent patches
     caption_format = "tags"
     text_length = 512  # T5 tokens per caption: Flux-dev's; schnell uses 256
@@ -299,30 +283,6 @@ class Flux(Family):
 
     def encode_text(self, text: TextEncoders, captions: list[str]) -> dict[str, torch.Tensor]:
         return encode_prompts(text, captions)
-
-    def load_vae(self, model: ModelConfig) -> torch.nn.Module:
-        return parts.load_vae(model.vae, "the Flux VAE (ae.safetensors)", DTYPES[model.vae_precision],
-                              model.allow_pickle)
-
-    def encode_images(self, vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-        return parts.encode_images(vae, pixels)
-
-    def decode_latents(self, vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
-        return parts.decode_latents(vae, latents)
-
-    def vae_factor(self, vae: torch.nn.Module) -> int:
-        return parts.vae_factor(vae)
-
-    def noised(self, latents: torch.Tensor, train: TrainConfig, generator: torch.Generator,
-               t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> Noised:
-        x0 = scale_latents(latents)
-        if noise is None:
-            noise = torch.randn(x0.shape, generator=generator)
-        if t is None:
-            t = sample_timesteps(train.timesteps, len(x0), generator, sigmoid_scale=train.sigmoid_scale,
-                                 shift=train.shift, image_tokens=image_tokens(*x0.shape[-2:]))
-        inputs, target = flow_match_inputs(x0, noise, t)
-        return Noised(inputs, noise, t, target, torch.ones(len(x0)))
 
     def predict(self, model: torch.nn.Module, inputs: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor],
                 geometry: list[Geometry], guidance: float) -> torch.Tensor:

@@ -26,10 +26,11 @@ import torch.nn.functional as F
 
 from ...loaders.files import ModelFileError, find_weights, read_safetensors, strip_prefix
 from ..errors import ConfigError
-from ..objectives import flow_match_inputs, sample_timesteps, shift_timesteps
-from ..precision import DTYPES, assign_weights
+from ..objectives import shift_timesteps
+from ..precision import assign_weights
 from . import parts
-from .base import DENOISER, Family, Geometry, ModelFile, Noised, TinyModel
+from .base import DENOISER, Family, Geometry, ModelFile, TinyModel
+from .flux_vae import FluxVaeFlowMatching, unscale_latents
 from .lumina2_layout import (
     DIFFUSERS_MARKER,
     FUSED_QKV,
@@ -51,8 +52,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # ComfyUI's latent_format.Flux, which its Lumina2 model uses: the transformer sees (latent - shift) * scale.
-LATENT_SHIFT = 0.1159
-LATENT_SCALE = 0.3611
 # ComfyUI samples Lumina 2 with ModelSamplingDiscreteFlow at this shift (its ModelSamplingAuraFlow node sets
 # others: 4 in NetaYume's template); also the family's training shift.
 SHIFT = 6.0
@@ -370,19 +369,6 @@ def _load_tokenizer(model: ModelConfig, path: Path, proto: torch.Tensor | None) 
 # ---------------------------------------------------------------- the transformer's view
 
 
-def scale_latents(raw: torch.Tensor) -> torch.Tensor:
-    return (raw - LATENT_SHIFT) * LATENT_SCALE
-
-
-def unscale_latents(x: torch.Tensor) -> torch.Tensor:
-    return x / LATENT_SCALE + LATENT_SHIFT
-
-
-def image_tokens(h: int, w: int) -> int:
-    """2×2 patches of an (h, w) latent: what the resolution-dependent shift reads."""
-    return (h // 2) * (w // 2)
-
-
 def velocity(model: Lumina2Transformer2DModel, x: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]
              ) -> torch.Tensor:
     """The engine's velocity ``noise - x0`` at engine time t: ``-model(x_t, 1 - t)``.
@@ -409,7 +395,7 @@ def comfy_sigmas(steps: int, shift: float = SHIFT) -> torch.Tensor:
     return torch.tensor([*(table[-(1 + int(i * stride))] for i in range(steps)), 0.0], dtype=torch.float32)
 
 
-class Lumina2(Family):
+class Lumina2(FluxVaeFlowMatching, Family):
     name = "lumina2"
     title = "Lumina2"  # ComfyUI's spelling (CLIPLoader type lumina2, CLIPTextEncodeLumina2)
     architecture = "lumina-2"
@@ -419,8 +405,6 @@ class Lumina2(Family):
         ModelFile("text_encoder", "gemma", "text_encoders", "Gemma-2-2B (gemma_2_2b_fp16.safetensors)."),
         ModelFile("vae", "vae", "vae", "The Flux VAE (ae.safetensors)."),
     )
-    latent_channels = 16
-    latent_scale, latent_shift = LATENT_SCALE, LATENT_SHIFT
     bucket_divisor = 16  # VAE factor 8 x 2x2 patches
     caption_format = "text"  # Lumina 2 and its fine-tunes read natural language (tags work as text too)
     text_length = 256  # diffusers' max_sequence_length, system prompt included
@@ -458,30 +442,6 @@ class Lumina2(Family):
 
     def encode_text(self, text: CaptionEncoder, captions: list[str]) -> dict[str, torch.Tensor]:
         return text.encode(captions)
-
-    def load_vae(self, model: ModelConfig) -> torch.nn.Module:
-        return parts.load_vae(model.vae, "the Flux VAE (ae.safetensors)", DTYPES[model.vae_precision],
-                              model.allow_pickle)
-
-    def encode_images(self, vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-        return parts.encode_images(vae, pixels)
-
-    def decode_latents(self, vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
-        return parts.decode_latents(vae, latents)
-
-    def vae_factor(self, vae: torch.nn.Module) -> int:
-        return parts.vae_factor(vae)
-
-    def noised(self, latents: torch.Tensor, train: TrainConfig, generator: torch.Generator,
-               t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> Noised:
-        x0 = scale_latents(latents)
-        if noise is None:
-            noise = torch.randn(x0.shape, generator=generator)
-        if t is None:
-            t = sample_timesteps(train.timesteps, len(x0), generator, sigmoid_scale=train.sigmoid_scale,
-                                 shift=train.shift, image_tokens=image_tokens(*x0.shape[-2:]))
-        inputs, target = flow_match_inputs(x0, noise, t)
-        return Noised(inputs, noise, t, target, torch.ones(len(x0)))
 
     def predict(self, model: torch.nn.Module, inputs: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor],
                 geometry: list[Geometry], guidance: float) -> torch.Tensor:
