@@ -21,6 +21,11 @@ def _is_widget(spec: list) -> bool:
     return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
 
 
+def _default(spec: list) -> Any:
+    options = spec[1] if len(spec) > 1 else {}
+    return options.get("default", spec[0][0] if isinstance(spec[0], list) else None)
+
+
 def _has_seed_control(name: str, spec: list) -> bool:
     """The front end adds a 'control after generate' value after such an input (the legacy name rule too)."""
     options = spec[1] if len(spec) > 1 else {}
@@ -57,8 +62,10 @@ def ui_from_api(api: dict[str, dict], object_info: dict[str, dict]) -> dict[str,
                     links.append([len(links) + 1, int(value[0]), value[1], int(node_id), len(inputs),
                                   "COMBO" if isinstance(spec[0], list) else spec[0]])
                     inputs.append({"name": name, "type": links[-1][5], "link": links[-1][0]})
-                elif _is_widget(spec) and name in entry["inputs"]:
-                    widgets.append(value)
+                elif _is_widget(spec):
+                    # The front end fills widgets by position: an optional one the API form leaves out still
+                    # takes its slot, with its default.
+                    widgets.append(value if name in entry["inputs"] else _default(spec))
                     if _has_seed_control(name, spec):
                         widgets.append("fixed")
                     if len(spec) > 1 and spec[1].get("multiline"):
