@@ -29,6 +29,7 @@ import torch
 
 from ...loaders.dataset import Geometry
 from ..errors import ConfigError
+from . import parts
 
 if TYPE_CHECKING:
     from ...loaders.captions import CaptionSettings
@@ -191,17 +192,18 @@ class Family(ABC):
     def load_vae(self, model: ModelConfig) -> torch.nn.Module:
         """The frozen VAE from ``model.vae`` in ``model.vae_precision``."""
 
-    @abstractmethod
+    # The three below serve the diffusers AutoencoderKL every family loads; a family overrides what differs.
     def encode_images(self, vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels (B, 3, H, W) in [-1, 1] → raw latents (B, C, H/f, W/f), float32."""
+        return parts.encode_images(vae, pixels)
 
-    @abstractmethod
     def decode_latents(self, vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
         """Raw latents (B, C, h, w) → pixels (B, 3, h·f, w·f) in [-1, 1], float32."""
+        return parts.decode_latents(vae, latents)
 
-    @abstractmethod
     def vae_factor(self, vae: torch.nn.Module) -> int:
         """Pixels per latent along a side."""
+        return parts.vae_factor(vae)
 
     # ---------------------------------------------------------------- training
 

@@ -43,15 +43,6 @@ class FluxVaeFlowMatching:
         return parts.load_vae(model.vae, "the Flux VAE (ae.safetensors)", DTYPES[model.vae_precision],
                               model.allow_pickle)
 
-    def encode_images(self, vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-        return parts.encode_images(vae, pixels)
-
-    def decode_latents(self, vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
-        return parts.decode_latents(vae, latents)
-
-    def vae_factor(self, vae: torch.nn.Module) -> int:
-        return parts.vae_factor(vae)
-
     def noised(self, latents: torch.Tensor, train: TrainConfig, generator: torch.Generator,
                t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> Noised:
         x0 = scale_latents(latents)

@@ -337,17 +337,11 @@ class Sdxl(Family):
         return parts.load_vae(model.vae, "the SDXL VAE", DTYPES[model.vae_precision], model.allow_pickle)
 
     def encode_images(self, vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-        latents = parts.encode_images(vae, pixels)
+        latents = super().encode_images(vae, pixels)
         if not torch.isfinite(latents).all():
             raise ModelFileError(f"the VAE made NaN/inf latents in {vae.dtype}: SDXL's VAE overflows in fp16. Use "
                                  "model.vae_precision = 'fp32' or 'bf16', or an fp16-fix VAE")
         return latents
-
-    def decode_latents(self, vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
-        return parts.decode_latents(vae, latents)
-
-    def vae_factor(self, vae: torch.nn.Module) -> int:
-        return parts.vae_factor(vae)
 
     # ---------------------------------------------------------------- training
 
