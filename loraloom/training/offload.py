@@ -30,7 +30,7 @@ from .errors import ConfigError
 
 def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The model's repeated blocks in call order: diffusers' ``_repeated_blocks`` class names, or where a model
-    has none (Lumina 2's), its ``_no_split_modules``, the blocks accelerate keeps whole."""
+    has none, its ``_no_split_modules``, the blocks accelerate keeps whole."""
     names = set(getattr(model, "_repeated_blocks", ()) or getattr(model, "_no_split_modules", ()) or ())
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     if not blocks:
