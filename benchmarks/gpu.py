@@ -39,7 +39,6 @@ import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -47,11 +46,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from loraloom.training import adapters, memory
+from loraloom.training import memory
 from loraloom.training.compile import compile_blocks
 from loraloom.training.config import AdapterConfig, OptimizerConfig, RunConfig, TrainConfig
 from loraloom.training.families import FAMILIES
-from loraloom.training.families.base import DENOISER, Family, Geometry
+from loraloom.training.families.base import Family, Geometry
 from loraloom.training.offload import BlockOffload
 from loraloom.training.optimizers import make_optimizer
 from loraloom.training.precision import quantize_nf4, store_float8
@@ -67,10 +66,10 @@ SETUPS = (("bf16", "none"), ("fp8", "none"), ("nf4", "blocks"), ("bf16", "blocks
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
-    """What one family's model sees: latent channels and VAE factor, and one caption's embedding shapes."""
+    """What one family's model sees: latent channels and VAE factor, and one caption's embeddings."""
     channels: int
     vae_factor: int
-    text: dict[str, tuple[int, ...]]
+    text: dict[str, torch.Tensor]
 
 
 def family_shape(family: Family, smoke: bool) -> Shape:
@@ -78,37 +77,31 @@ def family_shape(family: Family, smoke: bool) -> Shape:
         full = family.full_size()
         return Shape(family.latent_channels, full.vae_factor, full.text)
     tiny = family.tiny(seed=0)
-    text = family.encode_text(tiny.text, ["a photo"])
-    return Shape(family.latent_channels, family.vae_factor(tiny.vae), {k: tuple(v.shape[1:]) for k, v in text.items()})
+    with torch.no_grad():
+        text = family.encode_text(tiny.text, ["a photo"])
+    return Shape(family.latent_channels, family.vae_factor(tiny.vae), {k: v[0] for k, v in text.items()})
 
 
 def meta_model(family: Family, smoke: bool) -> torch.nn.Module:
-    """The architecture benchmarked, on the meta device."""
+    """The architecture benchmarked, as the family loads it, on the meta device."""
     if not smoke:
         return family.full_size().denoiser
-    tiny = family.tiny(seed=0).denoiser
-    with torch.device("meta"):
-        return type(tiny).from_config(tiny.config)
-
-
-@contextmanager
-def default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
+    return memory.meta_twin(family.tiny(seed=0).denoiser)
 
 
 def build(family: Family, precision: str, device: torch.device, dtype: torch.dtype, smoke: bool
           ) -> torch.nn.Module:
     """A randomly initialised model on ``device``, stored in ``precision`` (fp8 / nf4) or ``dtype``, initialised
-    there: seconds on a GPU, not the minutes of a 12B model's initialisation on the CPU."""
-    meta = meta_model(family, smoke)
+    there: seconds on a GPU, not the minutes of a 12B model's initialisation on the CPU. Every layer gets
+    PyTorch's default initialisation (norm scales without one: 1)."""
+    model = torch.nn.Module.to(meta_model(family, smoke), dtype).to_empty(device=device)
     torch.manual_seed(0)
-    with torch.device(device), default_dtype(dtype):
-        model = type(meta).from_config(meta.config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0)
+        for module in model.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
     model.requires_grad_(False).eval()
     store_float8(model, convert=precision == "fp8")
     if precision == "nf4":
@@ -122,26 +115,25 @@ def adapter_settings(family: Family) -> AdapterConfig:
     return AdapterConfig(rank=16, alpha=16.0, targets=targets)
 
 
-def inputs(shape: Shape, resolution: int, batch: int, device: torch.device, dtype: torch.dtype,
-           meta: bool = False) -> tuple:
-    """Random latents, text embeddings and geometry of a batch; on the meta device in ``dtype`` when ``meta``."""
+def inputs(shape: Shape, resolution: int, batch: int, device: torch.device) -> tuple:
+    """Random latents, the caption's embeddings on ``device`` and the geometry of a batch."""
     side = resolution // shape.vae_factor
-    where = {"device": "meta", "dtype": dtype} if meta else {}
-    latents = torch.randn(batch, shape.channels, side, side, **where)
-    text = {k: torch.randn(batch, *s, **where) for k, s in shape.text.items()}
-    if not meta:
-        text = {k: to_device(v, device) for k, v in text.items()}
+    latents = torch.randn(batch, shape.channels, side, side)
+    text = {k: to_device(v.expand(batch, *v.shape).contiguous(), device) for k, v in shape.text.items()}
     return latents, text, [Geometry((resolution, resolution), (0, 0), (resolution, resolution))] * batch
 
 
 def count_flops(family: Family, shape: Shape, resolution: int, batch: int, dtype: torch.dtype, smoke: bool
                 ) -> tuple[float, float]:
     """(forward + backward, forward) FLOPs of one training step, without recomputation, on the meta device."""
-    twin = torch.nn.Module.to(meta_model(family, smoke), dtype).requires_grad_(False)
-    adapters.attach({DENOISER: twin}, {DENOISER: family.targets[adapter_settings(family).targets]},
-                    adapter_settings(family), 0)
-    latents, text, geometry = inputs(shape, resolution, batch, torch.device("meta"), dtype, meta=True)
-    with FlopCounterMode(display=False) as counter:
+    twin = torch.nn.Module.to(meta_model(family, smoke), dtype)
+    memory.attach_adapter(twin, family, adapter_settings(family))
+    side = resolution // shape.vae_factor
+    latents = torch.empty(batch, shape.channels, side, side, device="meta", dtype=dtype)
+    values = memory.MetaValues()  # the caption's mask or window count, which some families read
+    text = values.inputs(shape.text, batch, dtype)
+    geometry = [Geometry((resolution, resolution), (0, 0), (resolution, resolution))] * batch
+    with values, FlopCounterMode(display=False) as counter:
         pred = family.predict(twin, latents, torch.rand(batch, device="meta"), text, geometry, 1.0)
         forward = counter.get_total_flops()
         pred.float().square().mean().backward()
@@ -156,8 +148,7 @@ def sizes(family: Family, shape: Shape, resolution: int, batch: int, dtype: torc
     cfg = dataclasses.replace(cfg, adapter=adapter_settings(family), train=dataclasses.replace(cfg.train,
                                                                                            batch_size=batch))
     side = resolution // shape.vae_factor
-    return memory.measure(model, family, cfg, torch.empty(shape.channels, side, side),
-                          {k: torch.empty(s) for k, s in shape.text.items()},
+    return memory.measure(model, family, cfg, torch.empty(shape.channels, side, side), shape.text,
                           Geometry((resolution, resolution), (0, 0), (resolution, resolution)), dtype)
 
 
@@ -286,8 +277,7 @@ def _run_setups(family: Family, args: argparse.Namespace, device: torch.device, 
             rows.append(_logged(log, {**setup, "skipped": "time budget"}))
             continue
         model = build(family, precision, device, dtype, args.smoke)
-        adapter = adapters.attach({DENOISER: model}, {DENOISER: family.targets[adapter_settings(family).targets]},
-                                  adapter_settings(family), 0)
+        adapter = memory.attach_adapter(model, family, adapter_settings(family))
         if checkpointing:
             model.enable_gradient_checkpointing()
         mover = BlockOffload(model, device) if offload == "blocks" else None
@@ -301,7 +291,7 @@ def _run_setups(family: Family, args: argparse.Namespace, device: torch.device, 
                 continue
             try:
                 trainer = Trainer(family, model, params, device, dtype,
-                                  inputs(shape, resolution, batch, device, dtype), 1000)
+                                  inputs(shape, resolution, batch, device), 1000)
                 row.update(run_one(trainer, args.warmup + (2 if compiled else 0), args.steps))
             except torch.OutOfMemoryError:
                 row["skipped"] = "out of memory"
@@ -361,6 +351,20 @@ def table_row(row: dict) -> str:
     return "| " + " | ".join(cell(row.get(c)) for c in COLUMNS) + " |"
 
 
+def print_flops(args: argparse.Namespace) -> None:
+    """Model FLOPs of one training step per family and size, counted on the meta device (any machine)."""
+    print("| family | resolution | batch | forward TFLOP | forward + backward | + recomputation |")
+    print("|---|---|---|---|---|---|")
+    for name in args.families:
+        family = FAMILIES[name]
+        shape = family_shape(family, args.smoke)
+        for resolution in args.resolutions:
+            for batch in args.batches:
+                total, forward = count_flops(family, shape, resolution, batch, args.dtype, args.smoke)
+                print(f"| {name} | {resolution} | {batch} | {forward / 1e12:.3g} | {total / 1e12:.4g} | "
+                      f"{(total + forward) / 1e12:.4g} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", nargs="*", default=sorted(FAMILIES))
@@ -377,10 +381,14 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for MFU")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "gpu.jsonl")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny models at 64 px in fp32, one step each")
+    parser.add_argument("--flops", action="store_true", help="print the model FLOPs per step (CPU) and exit")
     args = parser.parse_args()
     args.dtype = torch.bfloat16
     if args.smoke:  # every set-up once, fast: fp32 (CPUs without bf16 units are slow in bf16), no warm-up
         args.resolutions, args.batches, args.steps, args.warmup, args.dtype = [64], [1], 1, 0, torch.float32
+    if args.flops:
+        print_flops(args)
+        return
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     deadline = time.monotonic() + args.budget_s
     args.out.parent.mkdir(parents=True, exist_ok=True)

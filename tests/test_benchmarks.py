@@ -29,11 +29,15 @@ SMOKE = {
     "decode.py": ([], [rf"full decode {NUMBER} ms, reduced scale {NUMBER} ms per image"]),
     "full_finetune.py": ([], [r'"full \+ ema": {\n  "trained_parameters": \d+', rf'"step_time_vs_lora": {NUMBER}']),
     "gpu.py": (["--out", "{tmp}/gpu.jsonl"],
-               [rf"\| flux \| {precision} \| {offload} \| True \| False \| 64 \| 1 \| {NUMBER} \|"
-                for precision in ("bf16", "fp8", "nf4") for offload in ("none", "blocks")]
-               + [rf"\| flux \| bf16 \| none \| False \| False \| 64 \| 1 \| {NUMBER} \|"]),
+               [rf"\| {family} \| {precision} \| {offload} \| True \| False \| 64 \| 1 \| {NUMBER} \|"
+                for family in ("flux", "lumina2", "sdxl") for precision in ("bf16", "fp8", "nf4")
+                for offload in ("none", "blocks")]
+               + [rf"\| {family} \| bf16 \| none \| False \| False \| 64 \| 1 \| {NUMBER} \|"
+                  for family in ("flux", "lumina2", "sdxl")]),
     "latent_read.py": ([], [rf"latent bf16 .* warm: median {NUMBER} ms per batch of 2",
                             rf"text bf16 .* cold: median {NUMBER} ms"]),
+    "memory_plan.py": ([], [rf"### {title}\n\n\| \| 64² \|[^#]*\| 8 GB \| bf16 \|"
+                            for title in ("Flux", "Lumina2", "SDXL")]),
     "lumina2_step_overhead.py": ([], [rf"ratio engine/bare = {NUMBER}", r"all_linear: \d+ modules"]),
     "resume_stress.py": (["--out", "{tmp}"], [r'"every_step_once": true', r'"adapter_max_abs_diff": 0\.0']),
     "sdxl_step_overhead.py": ([], [rf"ratio engine/bare = {NUMBER}", r"\| all_linear_conv \| \d+ \+ \d+ \|"]),
@@ -62,3 +66,16 @@ def test_benchmark_smoke_run_prints_its_figures(script, tmp_path, monkeypatch, c
     out = capsys.readouterr().out
     for pattern in expected:
         assert re.search(pattern, out), f"{script} --smoke did not print {pattern!r}:\n{out[-3000:]}"
+
+
+def test_gpu_flops_table_counts_every_family(monkeypatch, capsys):
+    """``gpu.py --flops`` (the FLOP table of benchmarks/README.md, without a GPU) at the smoke size."""
+    monkeypatch.setattr(sys, "argv", ["gpu.py", "--smoke", "--flops"])
+    runpy.run_path(str(BENCHMARKS / "gpu.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    for name in ("flux", "lumina2", "sdxl"):
+        forward, total, hardware = map(float, re.search(
+            rf"\| {name} \| 64 \| 1 \| ({NUMBER}) \| ({NUMBER}) \| ({NUMBER}) \|", out).group(1, 3, 5))
+        assert total + forward == pytest.approx(hardware, rel=1e-3)
+        # Backward: the input gradients (about one forward pass) plus the adapter's and the inputs' weight gradients.
+        assert 1.9 < total / forward < 3

@@ -13,6 +13,7 @@ set-up first, and takes the first whose estimate fits.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from dataclasses import dataclass
@@ -20,12 +21,15 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils.weak import WeakIdKeyDictionary
 
-from .errors import ConfigError
+from . import adapters
+from .families.base import DENOISER
 from .offload import repeated_blocks
 
 if TYPE_CHECKING:
-    from .config import RunConfig
+    from .config import AdapterConfig, RunConfig
     from .families.base import Family, Geometry
 
 GB = 1e9
@@ -120,7 +124,8 @@ def measure(model: torch.nn.Module, family: Family, cfg: RunConfig, latent: torc
     """The :class:`Sizes` of training the loaded ``model`` (not yet quantised or adapted) with ``cfg``.
 
     ``latent`` (C, h, w), ``text`` and ``geometry`` are one example of the run's data; the batch is
-    ``cfg.train.batch_size`` of it.
+    ``cfg.train.batch_size`` of it. Only the latent's shape counts; the text's small values (caption masks,
+    window counts) are read by some families' forward passes, and they get them (:class:`MetaValues`).
     """
     blocks = repeated_blocks(model)
     quantized = re.compile(family.quantized)
@@ -138,7 +143,8 @@ def measure(model: torch.nn.Module, family: Family, cfg: RunConfig, latent: torc
         return {k: int(v) for k, v in out.items()}
 
     everything = [*model.parameters(), *model.buffers()]
-    twin, adapter = _meta_twin(model, family, cfg, compute_dtype)
+    twin = torch.nn.Module.to(meta_twin(model), compute_dtype)  # diffusers' own to() warns about nothing
+    adapter = attach_adapter(twin, family, cfg.adapter)
     full, per_block = _saved_bytes(twin, family, cfg, latent, text, geometry, compute_dtype, checkpointing=False)
     checkpointed, _ = _saved_bytes(twin, family, cfg, latent, text, geometry, compute_dtype, checkpointing=True)
     return Sizes(
@@ -149,20 +155,19 @@ def measure(model: torch.nn.Module, family: Family, cfg: RunConfig, latent: torc
         activations=full, activations_checkpointed=checkpointed + per_block, activations_offloaded=per_block)
 
 
-def _meta_twin(model: torch.nn.Module, family: Family, cfg: RunConfig, dtype: torch.dtype):
-    """The same architecture on the meta device, in ``dtype``, with the run's adapter attached."""
-    from . import adapters
-    from .families.base import DENOISER
+def meta_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` with every parameter and buffer on the meta device: the same modules, as loaded (fused
+    projections and all), without memory."""
+    memo = {id(t): torch.empty_like(t, device="meta") for t in model.buffers()}
+    memo |= {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+             for p in model.parameters()}
+    return copy.deepcopy(model, memo)
 
-    if not hasattr(type(model), "from_config"):
-        raise ConfigError(f"model.vram_budget: {type(model).__name__} is not a diffusers model, so its memory "
-                          "cannot be measured; set model.base_precision, train.gradient_checkpointing and "
-                          "model.offload yourself")
-    with torch.device("meta"):
-        twin = type(model).from_config(model.config)
-    twin = torch.nn.Module.to(twin, dtype).requires_grad_(False)  # diffusers' own to() warns about nothing
-    adapter = adapters.attach({DENOISER: twin}, {DENOISER: family.targets[cfg.adapter.targets]}, cfg.adapter, 0)
-    return twin, adapter
+
+def attach_adapter(model: torch.nn.Module, family: Family, settings: AdapterConfig) -> adapters.Adapter:
+    """``settings``' adapter on ``model``'s frozen denoiser, on ``family``'s targets (shapes for a meta model)."""
+    model.requires_grad_(False)
+    return adapters.attach({DENOISER: model}, {DENOISER: family.targets[settings.targets]}, settings, 0)
 
 
 def _saved_bytes(twin: torch.nn.Module, family: Family, cfg: RunConfig, latent: torch.Tensor,
@@ -179,10 +184,14 @@ def _saved_bytes(twin: torch.nn.Module, family: Family, cfg: RunConfig, latent: 
     current: list[int] = []  # index of the block running now
     per_block: dict[int, int] = {}
     total = [0]
+    counted: dict[int, torch.Tensor] = {}  # by id, kept alive so that no id is reused
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        if not isinstance(tensor, torch.nn.Parameter):
-            size = tensor.numel() * tensor.element_size()
+        # A saved view holds its base's whole storage, once however often it is saved; a weight's is not new.
+        base = tensor if tensor._base is None else tensor._base
+        if not isinstance(base, torch.nn.Parameter) and id(base) not in counted:
+            counted[id(base)] = base
+            size = base.untyped_storage().nbytes()
             total[0] += size
             if current:
                 per_block[current[-1]] = per_block.get(current[-1], 0) + size
@@ -197,18 +206,85 @@ def _saved_bytes(twin: torch.nn.Module, family: Family, cfg: RunConfig, latent: 
     handles = [h for i, block in enumerate(repeated_blocks(twin)) for h in (
         block.register_forward_pre_hook(lambda _m, _a, i=i: enter(i)),
         block.register_forward_hook(lambda _m, _a, _o: leave(), always_call=True))]
-    meta = {"device": "meta", "dtype": dtype}
-    inputs = torch.empty((batch, *latent.shape), **meta)
-    texts = {k: torch.empty((batch, *v.shape), **meta) for k, v in text.items()}
-    autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+    values = MetaValues()
+    inputs = torch.empty((batch, *latent.shape), device="meta", dtype=dtype)
+    texts = values.inputs(text, batch, dtype)
     try:
-        with autocast, _FusedAttention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with values, _FusedAttention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             family.predict(twin, inputs, torch.zeros(batch, device="meta"), texts, [geometry] * batch,
                            cfg.train.guidance)
     finally:
         for handle in handles:
             handle.remove()
     return total[0], max(per_block.values(), default=0)
+
+
+class MetaValues(TorchFunctionMode):
+    """A forward pass on the meta device that reads some of its inputs' values.
+
+    Meta tensors have shapes, not values, so a model that reads an input (a caption mask's lengths, a count of
+    caption windows) cannot run on them. A meta tensor made by :meth:`tensor` keeps its values on the CPU beside
+    it; an operation whose meta operands all have values computes its result's values too, on the CPU; reading
+    one (``tolist``, ``item``, ``int``, ...) answers from them. Values are for the small inputs a model reads:
+    an operation mixing in a tensor without values (a weight, an activation) computes none, and one that
+    writes into a tensor with values forgets them, so a read after it fails instead of answering wrong.
+    """
+
+    READS = frozenset({torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__int__, torch.Tensor.__float__,
+                       torch.Tensor.__bool__, torch.Tensor.__index__})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values = WeakIdKeyDictionary()
+
+    def tensor(self, value: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A meta tensor of ``value``'s shape, in ``dtype`` (default ``value``'s), that has its values (exact, in
+        ``value``'s own dtype)."""
+        meta = torch.empty_like(value, device="meta", dtype=dtype)
+        self.values[meta] = value.detach().to("cpu", copy=True)  # written into as the meta tensor is
+        return meta
+
+    def inputs(self, text: dict[str, torch.Tensor], batch: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """One caption's embeddings ``text`` as a batch of ``batch`` meta tensors, floats in ``dtype``: what
+        autocast makes of them on a GPU (the meta device has no autocast)."""
+        return {k: self.tensor(v.expand(batch, *v.shape), dtype if v.is_floating_point() else None)
+                for k, v in text.items()}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.READS and args[0] in self.values:
+            return func(self.values[args[0]], *args[1:], **kwargs)
+        out = func(*args, **kwargs)
+        metas = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.is_meta]
+        if metas and all(t in self.values for t in metas):
+            on_cpu_args, on_cpu_kwargs = tree_map(self._on_cpu, (args, kwargs))
+            computed = func(*on_cpu_args, **on_cpu_kwargs)
+            for result, value in zip(tree_leaves(out), tree_leaves(computed), strict=False):
+                if isinstance(result, torch.Tensor) and result.is_meta and isinstance(value, torch.Tensor):
+                    self.values[result] = value
+        else:  # written into by something without values: forget what it held
+            for t in metas:
+                if t in self.values and _writes(func, t, args, kwargs):
+                    del self.values[t]
+        return out
+
+    def _on_cpu(self, x):
+        if isinstance(x, torch.Tensor) and x in self.values:
+            return self.values[x]
+        if isinstance(x, (str, torch.device)) and str(x) == "meta":
+            return torch.device("cpu")
+        return x
+
+
+_IN_PLACE_OPERATORS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__"})
+
+
+def _writes(func, tensor: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+    """Whether ``func(*args, **kwargs)`` writes into ``tensor``: an in-place method on it, item assignment, or
+    ``out=``."""
+    name = getattr(func, "__name__", "")
+    in_place = (name.endswith("_") and not name.startswith("__")) or name in _IN_PLACE_OPERATORS
+    return (in_place and args and args[0] is tensor) or any(t is tensor for t in tree_leaves(kwargs.get("out")))
 
 
 class _FusedAttention(TorchFunctionMode):

@@ -261,7 +261,7 @@ class Session:
                                        example.geometry, self.compute_dtype)
             except (NotImplementedError, RuntimeError) as e:  # a value read from a meta tensor
                 raise ConfigError(
-                    f"model.vram_budget cannot estimate {self.family.title} yet: its model reads input values "
+                    f"model.vram_budget cannot estimate {self.family.title}: its model reads values it computes "
                     f"while it runs, which the meta-device estimate does not have ({e}). Set model.vram_budget = 0 "
                     "and choose model.base_precision, train.gradient_checkpointing and model.offload by hand") from None
             plan = memory.plan(self.cfg.model.vram_budget, sizes,

@@ -78,10 +78,12 @@ class TinyModel:
 
 @dataclass
 class FullSize:
-    """The family's released model at full size, for benchmarks and memory figures (shapes only)."""
-    denoiser: torch.nn.Module  # the full-size architecture on the meta device: move it with to_empty()
+    """The family's released model at full size, for benchmarks and memory figures."""
+    denoiser: torch.nn.Module  # the full-size architecture as the family loads it, on the meta device
     vae_factor: int  # pixels per latent side of the family's own VAE
-    text: dict[str, tuple[int, ...]]  # one caption's embedding shapes (no batch dimension), by key
+    # One caption's embeddings (no batch dimension), by key: random features, with the masks and counts of the
+    # longest caption a default run reads.
+    text: dict[str, torch.Tensor]
 
 
 class Family(ABC):

@@ -327,7 +327,8 @@ class Flux(FluxVaeFlowMatching, Family):
             model = FluxTransformer2DModel(
                 in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
                 joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
-        return FullSize(model.requires_grad_(False).eval(), 8, {"t5": (self.text_length, 4096), "pooled": (768,)})
+        return FullSize(model.requires_grad_(False).eval(), 8,
+                        {"t5": torch.randn(self.text_length, 4096), "pooled": torch.randn(768)})
 
     def write_tiny(self, tiny: TinyModel, folder: Path, diffusers: bool = True) -> dict[str, Path]:
         from .flux_kit import write

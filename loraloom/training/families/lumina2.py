@@ -29,7 +29,7 @@ from ..errors import ConfigError
 from ..objectives import shift_timesteps
 from ..precision import assign_weights
 from . import parts
-from .base import DENOISER, Family, Geometry, ModelFile, TinyModel
+from .base import DENOISER, Family, FullSize, Geometry, ModelFile, TinyModel
 from .flux_vae import FluxVaeFlowMatching, unscale_latents
 from .lumina2_layout import (
     DIFFUSERS_MARKER,
@@ -379,8 +379,7 @@ def velocity(model: Lumina2Transformer2DModel, x: torch.Tensor, t: torch.Tensor,
     """
     device = next(model.parameters()).device
     mask = text["mask"] > 0
-    # On the meta device (memory and FLOP estimates) the count is unknown: the padded length, an upper bound.
-    n = mask.shape[1] if mask.is_meta else int(mask.sum(1).max())
+    n = int(mask.sum(1).max())
     out = model(hidden_states=x.to(device), timestep=(1 - t).to(device),
                 encoder_hidden_states=text["gemma"][:, :n].to(device), encoder_attention_mask=mask[:, :n].to(device),
                 return_dict=False)[0]
@@ -481,6 +480,19 @@ class Lumina2(FluxVaeFlowMatching, Family):
         from .lumina2_kit import REAL_WIDTH, TINY, build
 
         return build(REAL_WIDTH if real_width else TINY, seed, words)
+
+    def full_size(self) -> FullSize:
+        """Lumina-Image-2.0's transformer (2.6B parameters, projections fused as loaded); Gemma-2-2B features of
+        ``text_length`` tokens, every one a caption's."""
+        from diffusers import Lumina2Transformer2DModel
+
+        from .lumina2_kit import FULL, transformer_config
+
+        with torch.device("meta"):
+            model = Lumina2Transformer2DModel(**transformer_config(FULL))
+        fuse_qkv(model)
+        return FullSize(model.requires_grad_(False).eval(), 8, {
+            "gemma": torch.randn(self.text_length, FULL.gemma_width), "mask": torch.ones(self.text_length)})
 
     def write_tiny(self, tiny: TinyModel, folder: Path, diffusers: bool = True) -> dict[str, Path]:
         from .lumina2_kit import write

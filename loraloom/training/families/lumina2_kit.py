@@ -65,6 +65,18 @@ TINY = Lumina2Size(hidden=64, heads=2, kv_heads=1, layers=2, refiners=1, gemma_w
 # model_options["gemma2_2b_model_config"].
 REAL_WIDTH = Lumina2Size(hidden=2304, heads=24, kv_heads=8, layers=1, refiners=2, gemma_width=2304, gemma_heads=8,
                          gemma_kv_heads=4, gemma_ff=256)
+# Lumina-Image-2.0: 26 layers and 2 + 2 refiner blocks of width 2304; Gemma-2-2B.
+FULL = Lumina2Size(hidden=2304, heads=24, kv_heads=8, layers=26, refiners=2, gemma_width=2304, gemma_heads=8,
+                   gemma_kv_heads=4, gemma_ff=9216, gemma_layers=26)
+
+
+def transformer_config(size: Lumina2Size) -> dict:
+    """``Lumina2Transformer2DModel`` arguments of ``size``'s transformer."""
+    return dict(sample_size=16, patch_size=2, in_channels=16, hidden_size=size.hidden, num_layers=size.layers,
+                num_refiner_layers=size.refiners, num_attention_heads=size.heads, num_kv_heads=size.kv_heads,
+                **ffn_arguments(size.hidden, 4 * size.hidden), norm_eps=1e-5,
+                axes_dim_rope=rope_axes(size.hidden // size.heads), axes_lens=(CAPTION_POSITIONS, 512, 512),
+                cap_feat_dim=size.gemma_width)
 
 
 def build(size: Lumina2Size = TINY, seed: int = 0, words: tuple[str, ...] = ()) -> TinyModel:
@@ -72,14 +84,9 @@ def build(size: Lumina2Size = TINY, seed: int = 0, words: tuple[str, ...] = ()) 
 
     Norm weights are perturbed from their initial values, so that a conversion mixing up norms shows."""
     tokenizer = SentencePieceProcessor(model_proto=tokenizer_proto(words))
-    head_dim = size.hidden // size.heads
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer = Lumina2Transformer2DModel(
-            sample_size=16, patch_size=2, in_channels=16, hidden_size=size.hidden, num_layers=size.layers,
-            num_refiner_layers=size.refiners, num_attention_heads=size.heads, num_kv_heads=size.kv_heads,
-            **ffn_arguments(size.hidden, 4 * size.hidden), norm_eps=1e-5, axes_dim_rope=rope_axes(head_dim),
-            axes_lens=(CAPTION_POSITIONS, 512, 512), cap_feat_dim=size.gemma_width)
+        transformer = Lumina2Transformer2DModel(**transformer_config(size))
         gemma = Gemma2Model(Gemma2Config(
             vocab_size=tokenizer.get_piece_size(), hidden_size=size.gemma_width, intermediate_size=size.gemma_ff,
             num_hidden_layers=size.gemma_layers, num_attention_heads=size.gemma_heads,
@@ -98,7 +105,7 @@ def build(size: Lumina2Size = TINY, seed: int = 0, words: tuple[str, ...] = ()) 
             for name, p in gemma.named_parameters():
                 if "norm" in name:  # Gemma's RMSNorm scales by (1 + w), w initialised at 0
                     p.normal_(0, 0.1)
-    fuse_qkv(transformer)
+    fuse_qkv(transformer)  # as the loader does
     text = _as_encoder(gemma, tokenizer)
     return TinyModel(transformer.requires_grad_(False).eval(), vae.eval(), text)
 

@@ -37,7 +37,7 @@ from ..objectives import (
 )
 from ..precision import DTYPES, assign_weights
 from . import parts
-from .base import DENOISER, Family, Geometry, ModelFile, Noised, TinyModel, TokenizerFolder
+from .base import DENOISER, Family, FullSize, Geometry, ModelFile, Noised, TinyModel, TokenizerFolder
 from .sdxl_layout import (
     CKPT_CLIP_G,
     CKPT_CLIP_L,
@@ -429,6 +429,19 @@ class Sdxl(Family):
         from .sdxl_kit import REAL_WIDTH, TINY, build
 
         return build(REAL_WIDTH if real_width else TINY, seed, words)
+
+    def full_size(self) -> FullSize:
+        """SDXL 1.0's UNet (2.6B parameters); CLIP-L and CLIP-G contexts of ``text_length`` tokens."""
+        from diffusers import UNet2DConditionModel
+
+        from .sdxl_kit import FULL, unet_config
+
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**unet_config(FULL))
+        windows = self.text_length // WINDOW
+        return FullSize(unet.requires_grad_(False).eval(), 8, {
+            "context": torch.randn(windows * WINDOW, FULL.clip_l.hidden + FULL.clip_g.hidden),
+            "windows": torch.tensor(float(windows)), "pooled": torch.randn(FULL.clip_g.hidden)})
 
     def write_tiny(self, tiny: TinyModel, folder: Path, diffusers: bool = True) -> dict[str, Path]:
         from .sdxl_kit import write

@@ -56,6 +56,9 @@ class SdxlSize:
 
 TINY = SdxlSize(unet_widths=(32, 64, 64), depths=(0, 1, 2), clip_l=ClipSize(32, 3, 64), clip_g=ClipSize(32, 3, 64),
                 vae_widths=(32, 32, 64), vae_layers=1, real_vocabulary=False)
+# SDXL 1.0: its UNet, and CLIP-L / CLIP-G (12 and 32 layers) and VAE at their released sizes.
+FULL = SdxlSize(unet_widths=(320, 640, 1280), depths=(0, 2, 10), clip_l=ClipSize(768, 12, 3072),
+                clip_g=ClipSize(1280, 32, 5120), vae_widths=(128, 256, 512, 512), vae_layers=2, real_vocabulary=True)
 REAL_WIDTH = SdxlSize(unet_widths=(320, 320, 320), depths=(0, 1, 2), clip_l=ClipSize(768, 3, 3072),
                       clip_g=ClipSize(1280, 3, 5120), vae_widths=(128, 256, 512, 512), vae_layers=2,
                       real_vocabulary=True)
