@@ -53,7 +53,9 @@ class Host:
         monkeypatch.setattr(host, "output_dir", lambda: self.output)
         monkeypatch.setattr(host, "input_dir", lambda: tmp_path / "input")
         monkeypatch.setattr(host, "model_path", lambda folder, name: folders[folder] / name)
-        monkeypatch.setattr(host, "first_folder", lambda folder: {"loras": self.loras}[folder])
+        self.diffusion_models = tmp_path / "models" / "diffusion_models"
+        monkeypatch.setattr(host, "first_folder",
+                            lambda folder: {"loras": self.loras, "diffusion_models": self.diffusion_models}[folder])
         monkeypatch.setattr(host, "bundled_tokenizer", lambda folder: tmp_path / "bundled" / folder)
         monkeypatch.setattr(host, "send_progress", lambda event, payload: self.sent.append((event, payload)))
         monkeypatch.setattr(host, "progress_bar", self._bar)
@@ -246,6 +248,20 @@ def test_export_node_writes_the_trained_adapter_into_the_loras_folder(comfy, gra
     exported = load_file(comfy.loras / "mine" / "zwx.safetensors")
     assert exported.keys() == lora.keys()
     assert all(torch.equal(exported[k], lora[k]) for k in lora)
+
+
+def test_a_full_fine_tune_exports_its_model_for_the_diffusion_model_loader(comfy, graph):
+    graph = {**graph, "adapter": AdapterSettings().build(4, 8.0, 0.0, "attention_mlp", 0, algorithm="full")[0]}
+    run, patch, _ = train(graph, "whole", total_steps=1, steps_per_queue=1)
+    out = ExportAdapter().export(run, "tuned", False)
+    assert out["result"] == ("tuned.safetensors",)
+    assert out["ui"]["text"] == ["tuned.safetensors", "whole model in diffusion_models: tuned.safetensors"]
+    assert load_file(comfy.loras / "tuned.safetensors").keys() == patch.keys()
+    model = load_file(comfy.diffusion_models / "tuned.safetensors")
+    written = load_file(run.adapter_file.with_name(f"{run.adapter_file.stem}-model.safetensors"))
+    assert model.keys() == written.keys() and all(torch.equal(model[k], written[k]) for k in written)
+    again = ExportAdapter().export(run, "tuned", False)  # kept: both get the next free name
+    assert again["ui"]["text"] == ["tuned_001.safetensors", "whole model in diffusion_models: tuned_001.safetensors"]
 
 
 def test_the_moving_average_trains_exports_and_is_named_when_missing(comfy, graph):

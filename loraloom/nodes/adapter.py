@@ -29,12 +29,12 @@ def adapter_file(run: TrainedRun, weights: str = "trained") -> Path:
 
 
 def export_path(folder: Path, name: str, overwrite: bool) -> Path:
-    """Where to write adapter ``name`` in ``folder``: the name itself, or with the first free ``_NNN`` suffix
-    when the file exists and ``overwrite`` is off. Subfolders are allowed; leaving ``folder`` is not."""
+    """Where to write file ``name`` in ``folder``: the name itself, or with the first free ``_NNN`` suffix when
+    the file exists and ``overwrite`` is off. Subfolders are allowed; leaving ``folder`` is not."""
     stem = name.removesuffix(SUFFIX).strip()
     parts = Path(stem).parts
     if not stem or Path(stem).is_absolute() or ".." in parts or any(p.startswith(".") for p in parts):
-        raise ValueError(f"adapter name {name!r} must be a relative file name inside the loras folder "
+        raise ValueError(f"adapter name {name!r} must be a relative file name inside the {folder.name} folder "
                          "(no '..', no leading dot)")
     path = folder / f"{stem}{SUFFIX}"
     counter = 1
@@ -44,17 +44,29 @@ def export_path(folder: Path, name: str, overwrite: bool) -> Path:
     return path
 
 
-def export_run(run: TrainedRun, folder: Path, name: str, overwrite: bool, weights: str = "trained") -> Path:
+def export_run(run: TrainedRun, name: str, overwrite: bool, weights: str = "trained") -> dict[str, str]:
+    """Copy the run's adapter into the first loras folder as ``name`` and, for a whole-model run (a full
+    fine-tune), its model into the first diffusion_models folder as well, for the stock UNETLoader. Returns
+    the names the loaders list, by folder."""
     source = adapter_file(run, weights)
-    path = export_path(folder, name, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, source.read_bytes())
-    return path
+    files = {"loras": source}
+    if (model := companion(source, "model")).is_file():
+        files["diffusion_models"] = model
+    names = {}
+    for kind, file in files.items():
+        folder = host.first_folder(kind)
+        path = export_path(folder, name, overwrite)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, file.read_bytes())
+        names[kind] = path.relative_to(folder).as_posix()
+    return names
 
 
 class ExportAdapter:
     DESCRIPTION = ("Write the run's adapter into the first 'loras' folder, with its training metadata, so the "
-                   "stock LoraLoader lists it at once. An existing file is kept unless overwrite is on.")
+                   "stock LoraLoader lists it at once; a full fine-tune also writes its whole model, under the same "
+                   "name, into the first 'diffusion_models' folder for the Load Diffusion Model node. An existing "
+                   "file is kept unless overwrite is on.")
     CATEGORY = f"{CATEGORY}/adapter"
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("lora_name",)
@@ -72,10 +84,10 @@ class ExportAdapter:
         }, "optional": {"weights": WEIGHTS_INPUT}}
 
     def export(self, run: TrainedRun, name: str, overwrite: bool, weights: str = "trained"):
-        folder = host.first_folder("loras")
-        path = export_run(run, folder, name, overwrite, weights)
-        lora_name = path.relative_to(folder).as_posix()
-        return {"ui": {"text": [lora_name]}, "result": (lora_name,)}
+        names = export_run(run, name, overwrite, weights)
+        text = [names["loras"]] + ([f"whole model in diffusion_models: {names['diffusion_models']}"]
+                                   if "diffusion_models" in names else [])
+        return {"ui": {"text": text}, "result": (names["loras"],)}
 
 
 class ApplyTrainedAdapter:
