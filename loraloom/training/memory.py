@@ -225,9 +225,10 @@ class MetaValues(TorchFunctionMode):
     Meta tensors have shapes, not values, so a model that reads an input (a caption mask's lengths, a count of
     caption windows) cannot run on them. A meta tensor made by :meth:`tensor` keeps its values on the CPU beside
     it; an operation whose meta operands all have values computes its result's values too, on the CPU; reading
-    one (``tolist``, ``item``, ``int``, ...) answers from them. Values are for the small inputs a model reads:
-    an operation mixing in a tensor without values (a weight, an activation) computes none, and one that
-    writes into a tensor with values forgets them, so a read after it fails instead of answering wrong.
+    one (``tolist``, ``item``, ``int``, ...) answers from them. Values are for the inputs a model reads: an
+    operation mixing in a tensor without values (a weight, an activation) computes none, and writing such a
+    result into a tensor with values makes it forget them, so that a read after it fails instead of answering
+    wrong.
     """
 
     READS = frozenset({torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__int__, torch.Tensor.__float__,
