@@ -6,7 +6,8 @@ Proven here: the Flux example trains, exports into the first ``loras`` folder, t
 and loads the file with every key, the Apply node patches exactly as the stock loader does, images with and
 without the adapter differ; progress events arrive over the websocket; the queued example continues its run on
 each re-queue (the first chunk in a worker process), Cancel (``POST /interrupt``) leaves a checkpoint and the next
-queue item continues from it; the booru example trains SDXL (its text encoders too) from a checkpoint, and the
+queue item continues from it; a full fine-tune's Export puts its whole model where the stock UNETLoader lists it,
+and that model samples as the base patched by the exported diff; the booru example trains SDXL (its text encoders too) from a checkpoint, and the
 stock checkpoint and LoRA loaders load its export with every key; the metrics route serves the run and nothing
 outside it; the UI forms in ``example_workflows/`` are what the API forms generate (``LORALOOM_WRITE_EXAMPLES=1``
 rewrites them).
@@ -395,6 +396,48 @@ def test_lokr_example_trains_and_the_stock_loader_applies_every_key(comfy):
     assert "lora key not loaded" not in log and "NOT LOADED" not in log and "ERROR lokr" not in log, log[-3000:]
     images = {name: comfy.image(entry["outputs"][f"show_{name}"]["images"][0]) for name in ("without", "with")}
     assert np.abs(images["without"] - images["with"]).mean() > 0.25
+
+
+def test_a_full_fine_tune_exports_a_model_the_stock_unet_loader_lists_and_samples_as_its_patch(comfy):
+    """The Flux example as a full fine-tune: the Export node writes the diff patch into ``loras`` and the whole
+    model into ``diffusion_models``; the stock UNETLoader lists and loads that model, and samples what the
+    trained-on base patched with the diff by the stock LoraLoaderModelOnly samples."""
+    prompt = point_at_tiny_models(example("flux_train_then_compare_on_dev"), comfy.tokenizers,
+                                  run_name="full-zwx", total_steps=2, steps_per_queue=2)
+    prompt[node_of(prompt, "LoraLoomAdapter")]["inputs"]["algorithm"] = "full"
+    prompt[node_of(prompt, "LoraLoomOptimizer")]["inputs"]["lr"] = 1e-3
+    prompt[node_of(prompt, "LoraLoomExportAdapter")]["inputs"]["name"] = "loraloom/full-zwx"
+    entry = comfy.wait(comfy.queue(prompt))
+    assert_succeeded(entry, comfy)
+    name = "loraloom/full-zwx.safetensors"
+    assert entry["outputs"][node_of(prompt, "LoraLoomExportAdapter")]["text"] == [
+        name, f"whole model in diffusion_models: {name}"]
+    assert name in comfy.get("/object_info/UNETLoader")["UNETLoader"]["input"]["required"]["unet_name"][0]
+
+    stock = {k: v for k, v in copy.deepcopy(prompt).items() if v["class_type"] in (
+        "LoraLoomEncodePrompt", "LoraLoomModelFlux", "ConditioningZeroOut", "EmptySD3LatentImage", "VAELoader")}
+    sampler = next(v for v in prompt.values() if v["class_type"] == "KSampler")  # the example has two, alike
+    vae = node_of(stock, "VAELoader")
+    stock["base"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-dev2pro-tiny.safetensors",
+                                                            "weight_dtype": "default"}}
+    stock["tuned"] = {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": "default"}}
+    stock["patched"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+        "model": ["base", 0], "lora_name": name, "strength_model": 1.0}}
+    for model in ("base", "tuned", "patched"):
+        stock[f"sample_{model}"] = {"class_type": "KSampler", "inputs": {**sampler["inputs"], "model": [model, 0]}}
+        stock[f"decode_{model}"] = {"class_type": "VAEDecode", "inputs": {"samples": [f"sample_{model}", 0],
+                                                                          "vae": [vae, 0]}}
+        stock[f"show_{model}"] = {"class_type": "PreviewImage", "inputs": {"images": [f"decode_{model}", 0]}}
+    log_before = len(comfy.log_text())
+    entry = comfy.wait(comfy.queue(stock))
+    assert_succeeded(entry, comfy)
+    log = comfy.log_text()[log_before:]
+    assert "lora key not loaded" not in log and "NOT LOADED" not in log, log[-3000:]
+    images = {m: comfy.image(entry["outputs"][f"show_{m}"]["images"][0]) for m in ("base", "tuned", "patched")}
+    trained = np.abs(images["tuned"] - images["base"]).mean()
+    formats = np.abs(images["tuned"] - images["patched"]).mean()
+    print(f"mean |tuned - base| = {trained:.3f}, |tuned - base + patch| = {formats:.3f} of 255")
+    assert trained > 0.25 and formats < trained / 10
 
 
 def test_an_fp8_base_trains_in_fp32_and_its_export_loads_on_a_bf16_dev(comfy):
