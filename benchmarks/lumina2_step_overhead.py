@@ -108,24 +108,25 @@ def timed(fn) -> float:
 def step_overhead(args: argparse.Namespace) -> None:
     from safetensors.torch import load_file
 
-    root = Path(tempfile.mkdtemp(prefix="loraloom-lumina2-bench-"))
-    files = LUMINA.write_tiny(LUMINA.tiny(seed=0, real_width=not args.smoke), root / "models", diffusers=False)
-    write_shapes_dataset(root / "images", count=2, size=args.resolution, seed=0, trigger="zwx")
-    session = Session.open(load_config(engine_config(files, root / "images", root / "run", args.precision,
-                                                     args.resolution, args.text_length)))
-    bare = BareLoop({k: v.float() for k, v in load_file(files["diffusion_model"]).items()}, session)
-    session.step(1)  # warm-up both
-    bare.step()
-    engine_times, bare_times = [], []
-    for _ in range(args.rounds):
-        engine_times += [timed(lambda: session.step(1)) for _ in range(args.steps)]
-        bare_times += [timed(bare.step) for _ in range(args.steps)]
-    e, b = statistics.median(engine_times), statistics.median(bare_times)
-    print(f"model: dim 2304, 24/8 heads, 2+2 refiners, 1 layer; batch 1, {(args.resolution // 16) ** 2} image + "
-          f"{bare.caption.shape[1]} caption tokens, {args.precision}, LoRA r{RANK} dropout 0.1 attention+MLP, "
-          f"gradient checkpointing; torch threads {torch.get_num_threads()}")
-    print(f"engine median {e:.3f} s/step, bare median {b:.3f} s/step over {len(engine_times)} steps each")
-    print(f"ratio engine/bare = {e / b:.3f}")
+    with tempfile.TemporaryDirectory(prefix="loraloom-lumina2-bench-") as scratch:  # gigabytes of model files
+        root = Path(scratch)
+        files = LUMINA.write_tiny(LUMINA.tiny(seed=0, real_width=not args.smoke), root / "models", diffusers=False)
+        write_shapes_dataset(root / "images", count=2, size=args.resolution, seed=0, trigger="zwx")
+        session = Session.open(load_config(engine_config(files, root / "images", root / "run", args.precision,
+                                                         args.resolution, args.text_length)))
+        bare = BareLoop({k: v.float() for k, v in load_file(files["diffusion_model"]).items()}, session)
+        session.step(1)  # warm-up both
+        bare.step()
+        engine_times, bare_times = [], []
+        for _ in range(args.rounds):
+            engine_times += [timed(lambda: session.step(1)) for _ in range(args.steps)]
+            bare_times += [timed(bare.step) for _ in range(args.steps)]
+        e, b = statistics.median(engine_times), statistics.median(bare_times)
+        print(f"model: dim 2304, 24/8 heads, 2+2 refiners, 1 layer; batch 1, {(args.resolution // 16) ** 2} image + "
+              f"{bare.caption.shape[1]} caption tokens, {args.precision}, LoRA r{RANK} dropout 0.1 attention+MLP, "
+              f"gradient checkpointing; torch threads {torch.get_num_threads()}")
+        print(f"engine median {e:.3f} s/step, bare median {b:.3f} s/step over {len(engine_times)} steps each")
+        print(f"ratio engine/bare = {e / b:.3f}")
 
 
 def presets() -> None:

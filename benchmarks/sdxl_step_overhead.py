@@ -102,24 +102,25 @@ def timed(fn) -> float:
 
 
 def overhead(args: argparse.Namespace) -> None:
-    root = Path(tempfile.mkdtemp(prefix="loraloom-sdxl-bench-"))
-    files = SDXL.write_tiny(SDXL.tiny(seed=0, real_width=not args.smoke), root / "models")
-    write_shapes_dataset(root / "images", count=2, size=args.resolution, seed=0, trigger="zwx")
-    session = Session.open(load_config(engine_config(files, root / "images", root / "run", args.precision,
-                                                     args.resolution)))
-    bare = BareLoop(files["diffusers"], session)
-    session.step(2)  # warm-up both
-    bare.step(), bare.step()
-    engine_times, bare_times = [], []
-    for _ in range(args.rounds):
-        engine_times += [timed(lambda: session.step(1)) for _ in range(args.steps)]
-        bare_times += [timed(bare.step) for _ in range(args.steps)]
-    e, b = statistics.median(engine_times), statistics.median(bare_times)
-    print(f"model: SDXL-family UNet {sum(p.numel() for p in session.denoiser.parameters()) / 1e6:.1f}M "
-          f"(with LoRA); batch 1 at {args.resolution}px, 77 text tokens, {args.precision}, LoRA r{RANK} dropout 0.1 "
-          f"attention_mlp, gradient checkpointing; torch threads {torch.get_num_threads()}")
-    print(f"engine median {e:.3f} s/step, bare median {b:.3f} s/step over {len(engine_times)} steps each")
-    print(f"ratio engine/bare = {e / b:.3f}")
+    with tempfile.TemporaryDirectory(prefix="loraloom-sdxl-bench-") as scratch:  # gigabytes of model files
+        root = Path(scratch)
+        files = SDXL.write_tiny(SDXL.tiny(seed=0, real_width=not args.smoke), root / "models")
+        write_shapes_dataset(root / "images", count=2, size=args.resolution, seed=0, trigger="zwx")
+        session = Session.open(load_config(engine_config(files, root / "images", root / "run", args.precision,
+                                                         args.resolution)))
+        bare = BareLoop(files["diffusers"], session)
+        session.step(2)  # warm-up both
+        bare.step(), bare.step()
+        engine_times, bare_times = [], []
+        for _ in range(args.rounds):
+            engine_times += [timed(lambda: session.step(1)) for _ in range(args.steps)]
+            bare_times += [timed(bare.step) for _ in range(args.steps)]
+        e, b = statistics.median(engine_times), statistics.median(bare_times)
+        print(f"model: SDXL-family UNet {sum(p.numel() for p in session.denoiser.parameters()) / 1e6:.1f}M "
+              f"(with LoRA); batch 1 at {args.resolution}px, 77 text tokens, {args.precision}, LoRA r{RANK} "
+              f"dropout 0.1 attention_mlp, gradient checkpointing; torch threads {torch.get_num_threads()}")
+        print(f"engine median {e:.3f} s/step, bare median {b:.3f} s/step over {len(engine_times)} steps each")
+        print(f"ratio engine/bare = {e / b:.3f}")
 
 
 def presets() -> None:

@@ -118,30 +118,32 @@ def main() -> None:
     if args.smoke:
         size, args.rounds, args.steps, args.resolution, args.text_length = TINY, 1, 1, 64, 16
         args.precision = "fp32"  # bf16 matmuls are slow on CPUs without bf16 units
-    root = Path(tempfile.mkdtemp(prefix="loraloom-bench-"))
-    files = write(build(size, seed=0), root / "models")
-    write_shapes_dataset(root / "images", count=4, size=args.resolution, seed=0, trigger="zwx")
-    engines = {form: Session.open(load_config(engine_config(files, root / "images", root / form, args, form)))
-               for form in ("input", "rank")}
-    bare = BareLoop(files["diffusers"], engines["input"], args.precision)
-    loops = {"engine, input dropout": lambda: engines["input"].step(1),
-             "engine, rank dropout": lambda: engines["rank"].step(1), "bare, input dropout": bare.step}
-    for loop in loops.values():  # warm-up
-        loop(), loop()
-    times: dict[str, list[float]] = {name: [] for name in loops}
-    for _ in range(args.rounds):
-        for name, loop in loops.items():
-            times[name] += [timed(loop) for _ in range(args.steps)]
-    median = {name: statistics.median(t) for name, t in times.items()}
-    tokens = (args.resolution // 16) ** 2
-    print(f"model: hidden {size.heads * size.head_dim}, {size.double_blocks}+{size.single_blocks} blocks, "
-          f"context {size.t5_width}; batch {args.batch}, {tokens} image + {args.text_length} text tokens, "
-          f"{args.precision}, LoRA r16 dropout 0.1, gradient checkpointing; torch threads {torch.get_num_threads()}")
-    for name, value in median.items():
-        print(f"{name}: median {value:.3f} s/step over {len(times[name])} steps")
-    e, r, b = median["engine, input dropout"], median["engine, rank dropout"], median["bare, input dropout"]
-    print(f"ratio engine/bare = {e / b:.3f} (both with peft's input dropout)")
-    print(f"ratio rank dropout/input dropout = {r / e:.3f} (engine)")
+    with tempfile.TemporaryDirectory(prefix="loraloom-bench-") as scratch:  # gigabytes of model files
+        root = Path(scratch)
+        files = write(build(size, seed=0), root / "models")
+        write_shapes_dataset(root / "images", count=4, size=args.resolution, seed=0, trigger="zwx")
+        engines = {form: Session.open(load_config(engine_config(files, root / "images", root / form, args, form)))
+                   for form in ("input", "rank")}
+        bare = BareLoop(files["diffusers"], engines["input"], args.precision)
+        loops = {"engine, input dropout": lambda: engines["input"].step(1),
+                 "engine, rank dropout": lambda: engines["rank"].step(1), "bare, input dropout": bare.step}
+        for loop in loops.values():  # warm-up
+            loop(), loop()
+        times: dict[str, list[float]] = {name: [] for name in loops}
+        for _ in range(args.rounds):
+            for name, loop in loops.items():
+                times[name] += [timed(loop) for _ in range(args.steps)]
+        median = {name: statistics.median(t) for name, t in times.items()}
+        tokens = (args.resolution // 16) ** 2
+        print(f"model: hidden {size.heads * size.head_dim}, {size.double_blocks}+{size.single_blocks} blocks, "
+              f"context {size.t5_width}; batch {args.batch}, {tokens} image + {args.text_length} text tokens, "
+              f"{args.precision}, LoRA r16 dropout 0.1, gradient checkpointing; "
+              f"torch threads {torch.get_num_threads()}")
+        for name, value in median.items():
+            print(f"{name}: median {value:.3f} s/step over {len(times[name])} steps")
+        e, r, b = median["engine, input dropout"], median["engine, rank dropout"], median["bare, input dropout"]
+        print(f"ratio engine/bare = {e / b:.3f} (both with peft's input dropout)")
+        print(f"ratio rank dropout/input dropout = {r / e:.3f} (engine)")
 
 
 if __name__ == "__main__":
