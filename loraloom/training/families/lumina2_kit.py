@@ -12,11 +12,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import AutoencoderKL, Lumina2Transformer2DModel
-from sentencepiece import SentencePieceProcessor
-from sentencepiece import sentencepiece_model_pb2 as spm
 from transformers import Gemma2Config, Gemma2Model
 
 from ...loaders.files import atomic_save_safetensors, atomic_write_bytes
@@ -39,6 +38,9 @@ from .lumina2 import (
     truncated_gemma,
 )
 from .lumina2_layout import ffn_arguments, rope_axes, transformer_from_native, transformer_to_native
+
+if TYPE_CHECKING:
+    from sentencepiece import SentencePieceProcessor
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,8 @@ def build(size: Lumina2Size = TINY, seed: int = 0, words: tuple[str, ...] = ()) 
     """Every Lumina 2 part, randomly initialised from ``seed`` (fp32); ``words`` join the tokenizer's vocabulary.
 
     Norm weights are perturbed from their initial values, so that a conversion mixing up norms shows."""
+    from sentencepiece import SentencePieceProcessor  # here: FULL's users (gpu.py on a bare image) need no tokenizer
+
     tokenizer = SentencePieceProcessor(model_proto=tokenizer_proto(words))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -127,6 +131,8 @@ def tokenizer_proto(words: tuple[str, ...] = ()) -> bytes:
     fallback: a piece per word of a small English vocabulary plus ``words`` (with and without the leading
     ``▁``), single characters, and the family's system prompts with their separator as one piece each, so that
     a test's short text length still holds the caption."""
+    from sentencepiece import sentencepiece_model_pb2 as spm
+
     model = spm.ModelProto()
     piece_type = spm.ModelProto.SentencePiece
     seen: set[str] = set()
