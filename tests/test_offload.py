@@ -13,8 +13,8 @@ RUN = {"train": {"steps": 3, "gradient_checkpointing": True}, "adapter": {"dropo
        "optimizer": {"lr": 3e-3}}
 
 
-def _train(make_config, name: str, **model) -> Session:
-    session = Session.open(make_config(name, **RUN, model=model))
+def _train(make_config, name: str, family_name: str = "flux", **model) -> Session:
+    session = Session.open(make_config(name, family_name, **RUN, model=model))
     session.step(3)
     return session
 
@@ -25,17 +25,22 @@ def _max_diff(a: Session, b: Session) -> float:
     return max((sa[k] - sb[k]).abs().max().item() for k in sa)
 
 
-@pytest.mark.parametrize("precision", ["auto", "fp8", "nf4"])
-def test_block_offloading_trains_the_same_weights(make_config, precision):
-    plain = _train(make_config, f"plain-{precision}", base_precision=precision)
-    swapped = _train(make_config, f"offload-{precision}", base_precision=precision, offload="blocks")
+@pytest.mark.parametrize("family_name, precision", [("flux", "auto"), ("flux", "fp8"), ("flux", "nf4"),
+                                                     ("lumina2", "auto"), ("sdxl", "auto")])
+def test_block_offloading_trains_the_same_weights(make_config, family_name, precision):
+    plain = _train(make_config, f"plain-{family_name}-{precision}", family_name, base_precision=precision)
+    swapped = _train(make_config, f"offload-{family_name}-{precision}", family_name, base_precision=precision,
+                     offload="blocks")
     assert plain.block_offload is None
     moved: BlockOffload = swapped.block_offload
     blocks = len(moved.blocks)
-    assert blocks == 4  # the tiny Flux: 2 double + 2 single blocks
-    # Every block was copied in for each forward pass and again for backward's recomputation; never more than
-    # the running block and the next one were on the device at once.
-    assert moved.copies >= 3 * 2 * blocks
+    # The tiny Flux: 2 double + 2 single blocks; Lumina 2: 2 layers + 1 + 1 refiners; SDXL: 17 transformer blocks.
+    assert blocks == {"flux": 4, "lumina2": 4, "sdxl": 17}[family_name]
+    # Every block was copied in for each forward pass, and the checkpointed ones (all but Lumina 2's refiners,
+    # which diffusers does not checkpoint) again for backward's recomputation; never more than the running block
+    # and the next one were on the device at once.
+    recomputed = {"flux": 4, "lumina2": 2, "sdxl": 17}[family_name]
+    assert moved.copies >= 3 * (blocks + recomputed)
     assert moved.peak_on_device == 2
     # Between steps every block holds its CPU originals again, and the adapter inside the blocks was trained.
     for slots in moved.slots:
@@ -45,9 +50,10 @@ def test_block_offloading_trains_the_same_weights(make_config, precision):
     assert plain.validate() == swapped.validate()
 
 
-def test_activation_offloading_trains_the_same_weights(make_config):
-    plain = _train(make_config, "plain-act")
-    session = Session.open(make_config("act", **RUN, model={"offload_activations": True}))
+@pytest.mark.parametrize("family_name", ["flux", "lumina2", "sdxl"])
+def test_activation_offloading_trains_the_same_weights(make_config, family_name):
+    plain = _train(make_config, f"plain-act-{family_name}", family_name)
+    session = Session.open(make_config(f"act-{family_name}", family_name, **RUN, model={"offload_activations": True}))
     offloaded: ActivationOffload = session.activation_offload
     offloaded.min_bytes = 0  # the tiny model's activations are far below the 1 MiB default
     session.step(3)

@@ -3,14 +3,14 @@
 The example workflows' API forms are POSTed with their file widgets pointed at tiny real-width Flux files (1 + 1
 blocks; ComfyUI's stock loaders only detect real widths) and the SDXL family's real-width checkpoint, at 64 px.
 Proven here: the Flux example trains, exports into the first ``loras`` folder, the stock LoraLoaderModelOnly lists
-and loads the file with every key, the Apply node patches exactly as the stock loader does, images with and
-without the adapter differ; progress events arrive over the websocket; the queued example continues its run on
-each re-queue (the first chunk in a worker process), Cancel (``POST /interrupt``) leaves a checkpoint and the next
-queue item continues from it; a full fine-tune's Export puts its whole model where the stock UNETLoader lists it,
-and that model samples as the base patched by the exported diff; the booru example trains SDXL (its text encoders too) from a checkpoint, and the
-stock checkpoint and LoRA loaders load its export with every key; the metrics route serves the run and nothing
-outside it; the UI forms in ``example_workflows/`` are what the API forms generate (``LORALOOM_WRITE_EXAMPLES=1``
-rewrites them).
+and loads the file with every key, the Apply node patches exactly as the stock loader does, images with and without
+the adapter differ; progress events arrive over the websocket; the queued example continues its run on each re-queue
+(the first chunk in a worker process), Cancel (``POST /interrupt``) leaves a checkpoint and the next queue item
+continues from it; a full fine-tune's Export puts its whole model where the stock UNETLoader lists it, and that
+model samples as the base patched by the exported diff; the booru example trains SDXL (its text encoders too) from a
+checkpoint, and the stock checkpoint and LoRA loaders load its export with every key; the metrics route serves the
+run and nothing outside it; the UI forms in ``example_workflows/`` are what the API forms generate
+(``LORALOOM_WRITE_EXAMPLES=1`` rewrites them).
 
 Runs when COMFYUI_PATH points at a ComfyUI checkout (COMFYUI_PYTHON: the interpreter of its environment,
 default this one); skips otherwise. About 3 minutes on 2 CPU cores.
