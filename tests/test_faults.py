@@ -156,3 +156,5 @@ def test_a_run_makes_no_network_access(make_config, tmp_path):
     events = json.loads(line.split(" ", 1)[1])
     assert [e for e in events if e not in LOOPBACK_PROBE] == []
     assert (tmp_path / "run" / "lora.safetensors").is_file()
+    # bitsandbytes' offline kernel lookup misses quietly (it falls back to its own kernel).
+    assert "gemm_4bit_forward" not in done.stderr and "publisher trust" not in done.stderr, done.stderr[-3000:]
