@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,3 +106,15 @@ def test_sdxl_demo_lowers_the_held_out_validation_loss(tmp_path, capsys):
                  "--base-steps", "150"]) == 0
     before, after = map(float, re.search(r"validation loss ([\d.]+) -> ([\d.]+)", capsys.readouterr().out).groups())
     assert after < 0.9 * before
+
+
+def test_the_cli_says_nothing_about_kernels_it_does_not_download(tmp_path):
+    """A user's first command prints what it did, not bitsandbytes' offline kernel lookup (on CPUs where
+    bitsandbytes tries one); in a fresh interpreter, where the demo's imports would load bitsandbytes first."""
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "loraloom.training.cli", "demo", "--prepare", str(tmp_path),
+                           "--steps", "2", "--vae-steps", "2", "--base-steps", "2"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "gemm_4bit_forward" not in done.stderr and "publisher trust" not in done.stderr, done.stderr[-3000:]

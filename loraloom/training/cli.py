@@ -14,6 +14,7 @@ from pathlib import Path
 from . import distributed
 from .config import RunConfig, config_from_dict, load_config, to_toml
 from .families import DEFAULT_FAMILY, FAMILIES, family
+from .offline import import_hub_askers_offline
 
 
 def example_config(name: str) -> RunConfig:
@@ -171,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    import_hub_askers_offline()  # first, before a command's own imports (diffusers) load them the ordinary way
     try:
         return args.func(args)
     except (ValueError, OSError) as e:  # ConfigError, ModelFileError, DatasetError, WriteError name the key or file
