@@ -329,21 +329,27 @@ def assert_the_stock_loader_applies_it(comfy: Comfy, prompt: dict, lora_name: st
         "model": [unet, 0], "lora_name": lora_name, "strength_model": 1.0}}
     stock["stock_sampler"] = copy.deepcopy(stock[apply_sampler])
     stock["stock_sampler"]["inputs"]["model"] = ["stock_lora", 0]
-    vae = node_of(stock, "VAELoader")
-    for name, sampler in (("without", without_sampler), ("apply", apply_sampler), ("stock", "stock_sampler")):
-        stock[f"decode_{name}"] = {"class_type": "VAEDecode", "inputs": {"samples": [sampler, 0], "vae": [vae, 0]}}
-        stock[f"show_{name}"] = {"class_type": "PreviewImage", "inputs": {"images": [f"decode_{name}", 0]}}
-    log_before = len(comfy.log_text())
-    entry = comfy.wait(comfy.queue(stock))
-    assert_succeeded(entry, comfy)
-    log = comfy.log_text()[log_before:]
-    assert "lora key not loaded" not in log and "NOT LOADED" not in log, log[-3000:]
-    images = {name: comfy.image(entry["outputs"][f"show_{name}"]["images"][0])
-              for name in ("without", "apply", "stock")}
+    images = sample_pictures(comfy, stock, {"without": without_sampler, "apply": apply_sampler,
+                                            "stock": "stock_sampler"})
     assert np.array_equal(images["apply"], images["stock"])  # Apply is ComfyUI's own LoRA patching
     difference = np.abs(images["without"] - images["stock"]).mean()
     print(f"mean |with - without| = {difference:.3f} of 255")
     assert difference > 0.25  # sampling is deterministic: any difference is the adapter's
+
+
+def sample_pictures(comfy: Comfy, graph: dict, samplers: dict[str, str]) -> dict[str, np.ndarray]:
+    """Queue ``graph`` with each of ``samplers``' latents decoded by its VAELoader and previewed; every LoRA key
+    must load. Returns the pictures by name."""
+    vae = node_of(graph, "VAELoader")
+    for name, sampler in samplers.items():
+        graph[f"decode_{name}"] = {"class_type": "VAEDecode", "inputs": {"samples": [sampler, 0], "vae": [vae, 0]}}
+        graph[f"show_{name}"] = {"class_type": "PreviewImage", "inputs": {"images": [f"decode_{name}", 0]}}
+    log_before = len(comfy.log_text())
+    entry = comfy.wait(comfy.queue(graph))
+    assert_succeeded(entry, comfy)
+    log = comfy.log_text()[log_before:]
+    assert "lora key not loaded" not in log and "NOT LOADED" not in log, log[-3000:]
+    return {name: comfy.image(entry["outputs"][f"show_{name}"]["images"][0]) for name in samplers}
 
 
 def test_lumina2_example_trains_exports_and_the_stock_loader_applies_it(comfy):
@@ -386,15 +392,9 @@ def test_lokr_example_trains_and_the_stock_loader_applies_every_key(comfy):
     stock["stock_lora"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
         "model": [unet, 0], "lora_name": lora_name, "strength_model": 1.0}}
     stock[with_adapter]["inputs"]["model"] = ["stock_lora", 0]
-    vae = node_of(stock, "VAELoader")
-    for name, sampler in (("without", without), ("with", with_adapter)):
-        stock[f"decode_{name}"] = {"class_type": "VAEDecode", "inputs": {"samples": [sampler, 0], "vae": [vae, 0]}}
-        stock[f"show_{name}"] = {"class_type": "PreviewImage", "inputs": {"images": [f"decode_{name}", 0]}}
-    entry = comfy.wait(comfy.queue(stock))
-    assert_succeeded(entry, comfy)
-    log = comfy.log_text()[log_before:]
-    assert "lora key not loaded" not in log and "NOT LOADED" not in log and "ERROR lokr" not in log, log[-3000:]
-    images = {name: comfy.image(entry["outputs"][f"show_{name}"]["images"][0]) for name in ("without", "with")}
+    images = sample_pictures(comfy, stock, {"without": without, "with": with_adapter})
+    log = comfy.log_text()[log_before:]  # training included
+    assert "ERROR lokr" not in log, log[-3000:]
     assert np.abs(images["without"] - images["with"]).mean() > 0.25
 
 
@@ -417,7 +417,6 @@ def test_a_full_fine_tune_exports_a_model_the_stock_unet_loader_lists_and_sample
     stock = {k: v for k, v in copy.deepcopy(prompt).items() if v["class_type"] in (
         "LoraLoomEncodePrompt", "LoraLoomModelFlux", "ConditioningZeroOut", "EmptySD3LatentImage", "VAELoader")}
     sampler = next(v for v in prompt.values() if v["class_type"] == "KSampler")  # the example has two, alike
-    vae = node_of(stock, "VAELoader")
     stock["base"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-dev2pro-tiny.safetensors",
                                                             "weight_dtype": "default"}}
     stock["tuned"] = {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": "default"}}
@@ -425,15 +424,7 @@ def test_a_full_fine_tune_exports_a_model_the_stock_unet_loader_lists_and_sample
         "model": ["base", 0], "lora_name": name, "strength_model": 1.0}}
     for model in ("base", "tuned", "patched"):
         stock[f"sample_{model}"] = {"class_type": "KSampler", "inputs": {**sampler["inputs"], "model": [model, 0]}}
-        stock[f"decode_{model}"] = {"class_type": "VAEDecode", "inputs": {"samples": [f"sample_{model}", 0],
-                                                                          "vae": [vae, 0]}}
-        stock[f"show_{model}"] = {"class_type": "PreviewImage", "inputs": {"images": [f"decode_{model}", 0]}}
-    log_before = len(comfy.log_text())
-    entry = comfy.wait(comfy.queue(stock))
-    assert_succeeded(entry, comfy)
-    log = comfy.log_text()[log_before:]
-    assert "lora key not loaded" not in log and "NOT LOADED" not in log, log[-3000:]
-    images = {m: comfy.image(entry["outputs"][f"show_{m}"]["images"][0]) for m in ("base", "tuned", "patched")}
+    images = sample_pictures(comfy, stock, {m: f"sample_{m}" for m in ("base", "tuned", "patched")})
     trained = np.abs(images["tuned"] - images["base"]).mean()
     formats = np.abs(images["tuned"] - images["patched"]).mean()
     print(f"mean |tuned - base| = {trained:.3f}, |tuned - base + patch| = {formats:.3f} of 255")
