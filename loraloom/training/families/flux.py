@@ -30,8 +30,6 @@ if TYPE_CHECKING:
 
     from ..config import ModelConfig, RunConfig, TrainConfig
 
-# ComfyUI's latent_format.Flux: the transformer sees (latent - shift) * scale.
-
 # peft target patterns (regex, full match) over diffusers module names.
 _DOUBLE = r"transformer_blocks\.\d+\."
 _SINGLE = r"single_transformer_blocks\.\d+\."

@@ -15,6 +15,7 @@ from .base import Noised
 if TYPE_CHECKING:
     from ..config import ModelConfig, TrainConfig
 
+# ComfyUI's latent_format.Flux (its Lumina2 model uses it too): the transformer sees (latent - shift) * scale.
 LATENT_SHIFT = 0.1159
 LATENT_SCALE = 0.3611
 

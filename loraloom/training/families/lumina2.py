@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# ComfyUI's latent_format.Flux, which its Lumina2 model uses: the transformer sees (latent - shift) * scale.
 # ComfyUI samples Lumina 2 with ModelSamplingDiscreteFlow at this shift (its ModelSamplingAuraFlow node sets
 # others: 4 in NetaYume's template); also the family's training shift.
 SHIFT = 6.0
